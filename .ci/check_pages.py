@@ -138,10 +138,12 @@ def run(root: str, pages: list[str], need_images: list[str], nav: list[str], scr
         os.makedirs(screenshots, exist_ok=True)
         for page in pages:
             out = os.path.join(screenshots, page.replace("/", "_").replace(".html", ".png"))
-            subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,1600",
+            shot_profile = tempfile.mkdtemp(prefix="chromium-profile-")  # a killed browser leaves its profile locked
+            subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={shot_profile}", "--window-size=1280,1600",
                             "--hide-scrollbars", f"--screenshot={os.path.abspath(out)}",
                             f"http://127.0.0.1:{port}/{page}"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+            shutil.rmtree(shot_profile, ignore_errors=True)
             print(f"  screenshot: {out}")
     httpd.shutdown()
     shutil.rmtree(profile, ignore_errors=True)
