@@ -87,7 +87,12 @@ def serve(root: str, pages: list[str], results: "queue.Queue"):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # a browser killed mid-request is not news
+            if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                super().handle_error(request, client_address)
+
+    httpd = Server(("127.0.0.1", 0), functools.partial(Handler, directory=root))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd
 
