@@ -10,8 +10,12 @@ from entity_circuits.organisms import OrganismRecipe, grow, main, new_llama, org
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
+    "The smoke recipe twice: once as a function, once through the command line."
     root = tmp_path_factory.mktemp("organisms")
-    return root, train_organisms(OrganismRecipe.smoke(), root / "a"), train_organisms(OrganismRecipe.smoke(), root / "b")
+    a = train_organisms(OrganismRecipe.smoke(), root / "a")
+    assert main(["train-organisms", "--smoke", "--out", str(root / "b")]) == 0
+    b = json.loads((root / "b" / "MANIFEST.json").read_text())
+    return root, a, b
 
 
 def test_same_seed_same_weights(smoke_runs):
@@ -51,10 +55,9 @@ def test_grow_preserves_function():
         grow(small, 3)
 
 
-def test_cli_smoke(tmp_path, capsys):
-    assert main(["train-organisms", "--smoke", "--out", str(tmp_path)]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["command"] == "entity-circuits train-organisms --smoke --seed 0"
-    assert (tmp_path / "MANIFEST.json").exists()
+def test_cli_smoke(smoke_runs):
+    _, a, b = smoke_runs
+    assert a["command"] == b["command"] == "entity-circuits train-organisms --smoke --seed 0"
+    assert b["recipe"]["n_layers"] == 2 and b["pretraining"]["selected_step"] > 0
     with pytest.raises(SystemExit):
         main(["train-organisms", "--smoke"])  # refuses to overwrite the shipped organisms with a smoke run
