@@ -38,7 +38,7 @@ test: setup
 reproduce: setup smollm2 book
 
 book: setup
-	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
+	$(BIN)/jupyter-book build --all . $(BOOK_FLAGS)  # --all: re-execute every chapter, never a stale page
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 # After editing notebooks: export the package and strip outputs.
