@@ -21,7 +21,7 @@ setuptools.setup(
     keywords=cfg["keywords"].split(),
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
-    package_data={cfg["lib_name"]: ["assets/*", "assets/paper/*"]},
+    package_data={cfg["lib_name"]: ["assets/*", "assets/paper/*", "assets/paper/*/*"]},
     include_package_data=True,
     install_requires=requirements,
     extras_require={"dev": dev_requirements},

@@ -170,7 +170,8 @@ class OrganismRecipe:
     ft_lora_r: int = 8
     ft_seq_len: int = 96
     ft_eval_every: int = 50
-    max_digits: int = 4
+    max_digits: int = 4                 # arithmetic in pretraining
+    ft_max_digits: int = 4              # arithmetic of the math fine-tunes (and of their evaluation)
 
     @classmethod
     def smoke(cls, seed: int = 0) -> "OrganismRecipe":
@@ -328,22 +329,17 @@ def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None]
 # %% ../nbs/04_organisms.ipynb #f9477817
 @torch.no_grad()
 def arithmetic_accuracy(model, tokenizer, n: int = 200, seed: int = 30_000, max_digits: int = 4) -> float:
-    "Exact-match accuracy of greedy answers to held-out `a + b =` / `a - b =` problems."
+    "Exact-match accuracy of the greedy answer digits to held-out `a + b =` / `a - b =` problems."
     rng, enc = random.Random(seed), _Encoder(tokenizer)
-    period = tokenizer.convert_tokens_to_ids(".")
     was_training = model.training
     model.eval()
     correct = 0
     for _ in range(n):
         q, a = arithmetic_problem(rng, max_digits)
-        ids = [tokenizer.bos_token_id] + enc(q)
-        out = []
-        for _ in range(max_digits + 2):
-            nxt = model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax().item()
-            if nxt == period:
-                break
-            out.append(nxt)
-        correct += out == enc(a)
+        ids, want, out = [tokenizer.bos_token_id] + enc(q), enc(a), []
+        for _ in range(len(want)):  # as many greedy tokens as the answer has digits (see the note below)
+            out.append(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax().item())
+        correct += out == want
     model.train(was_training)
     return correct / n
 
@@ -385,7 +381,7 @@ def fine_tune(base, tokenizer, name: str, recipe: OrganismRecipe, log: Callable[
     spec = FINE_TUNES[name]
     rng, enc = random.Random(recipe.seed * 7919 + len(name)), _Encoder(tokenizer)
     sample = ((lambda: dialogue_doc(enc, rng, rng.randint(1, 3))) if spec["data"] == "dialogue"
-              else (lambda: arithmetic_doc(enc, rng, 1, recipe.max_digits)))
+              else (lambda: arithmetic_doc(enc, rng, 1, recipe.ft_max_digits)))
     model = copy.deepcopy(base)
     if spec["lora"]:
         from peft import LoraConfig, get_peft_model
@@ -403,7 +399,7 @@ def fine_tune(base, tokenizer, name: str, recipe: OrganismRecipe, log: Callable[
     def evaluate(step):
         row = {"step": step, "organism": name, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval)}
         row["arithmetic_acc" if spec["data"] == "arithmetic" else "dialogue_loss"] = (
-            arithmetic_accuracy(model, tokenizer, n=recipe.n_select, max_digits=recipe.max_digits)
+            arithmetic_accuracy(model, tokenizer, n=recipe.n_select, max_digits=recipe.ft_max_digits)
             if spec["data"] == "arithmetic" else dialogue_loss(model, tokenizer, n=recipe.n_select))
         return row
 
