@@ -1,0 +1,110 @@
+"Path patching: the engine equals the paper's loop; the circuit type round-trips the authors' files; clear errors."
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from entity_circuits.circuit import ablated_predictions, head_means, random_circuits
+from entity_circuits.data import corrupt_for_path_patching, encode, sample_boxes
+from entity_circuits.models import load_model
+from entity_circuits.path_patching import (GROUPS, Circuit, attribution_patching, choose_k, paper_asset,
+                                           paper_circuit, path_patching, top_heads)
+from entity_circuits.tracing import patch_heads, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("organism-base")[1]
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    ex = sample_boxes(6, 4, seed=3)
+    return encode(ex, tok), encode(corrupt_for_path_patching(ex, seed=4), tok)
+
+
+RECEIVERS = {"value_fetcher": None, "pos_transmitter": [(2, 1), (1, 0)], "pos_detector": [(1, 2)],
+             "struct_reader": [(1, 1), (2, 3)]}
+
+
+@pytest.mark.parametrize("kv", [4, 1])
+@pytest.mark.parametrize("group", GROUPS)
+def test_engine_equals_naive(tok, pair, group, kv):
+    model = tiny_llama(n_layers=3, n_heads=4, n_kv_heads=kv, head_dim=8, vocab_size=len(tok), seed=kv).eval()
+    clean, corrupt = pair
+    fast = path_patching(model, clean, corrupt, group, RECEIVERS[group], batch_size=4, progress=False)
+    slow = path_patching(model, clean, corrupt, group, RECEIVERS[group], batch_size=4, method="naive", progress=False)
+    assert np.abs(slow).max() > 0
+    np.testing.assert_allclose(fast, slow, atol=1e-6)
+
+
+def test_engine_on_unmerged_lora_equals_naive(tok, pair):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(n_layers=2, n_heads=4, vocab_size=len(tok), seed=1),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)).eval()
+    clean, corrupt = pair
+    for g, r in (("value_fetcher", None), ("pos_transmitter", [(1, 0), (1, 2)])):
+        fast = path_patching(model, clean, corrupt, g, r, progress=False)
+        slow = path_patching(model, clean, corrupt, g, r, method="naive", progress=False)
+        np.testing.assert_allclose(fast, slow, atol=1e-6)
+
+
+def test_clean_as_corrupt_scores_zero(tok, pair):
+    model = tiny_llama(n_layers=3, n_heads=4, vocab_size=len(tok)).eval()
+    clean, _ = pair
+    assert np.abs(path_patching(model, clean, clean, "pos_detector", [(2, 0)], progress=False)).max() < 1e-6
+    assert np.abs(attribution_patching(model, clean, clean)).max() < 1e-6
+
+
+def test_errors(tok, pair):
+    model = tiny_llama(n_layers=2, n_heads=4, vocab_size=len(tok)).eval()
+    clean, corrupt = pair
+    with pytest.raises(ValueError, match="receivers"):
+        path_patching(model, clean, corrupt, "pos_transmitter", None)
+    with pytest.raises(ValueError, match="unknown group"):
+        path_patching(model, clean, corrupt, "value_fetchers")
+    with pytest.raises(IndexError, match="layer 5"):
+        path_patching(model, clean, corrupt, "pos_transmitter", [(5, 0)])
+    other = encode(sample_boxes(6, 3, seed=0), tok)
+    with pytest.raises(ValueError, match="token layout"):
+        path_patching(model, clean, other, "value_fetcher")
+
+
+def test_paper_circuits_round_trip(tmp_path):
+    for name in ("llama", "goat", "float"):
+        c = paper_circuit(name)
+        assert c.to_dict() == json.loads(paper_asset(f"{name}_circuit.json").read_text())
+        c.save(tmp_path / "c.json")
+        assert Circuit.load(tmp_path / "c.json") == c
+    assert paper_circuit("llama").sizes() == {"value_fetcher": 40, "pos_transmitter": 7, "pos_detector": 20,
+                                              "struct_reader": 5}
+    with pytest.raises(ValueError, match="unknown circuit groups"):
+        Circuit.from_dict({"value_fetcher": [], "name_mover": []})
+    with pytest.raises(ValueError, match="pair of ints"):
+        Circuit(value_fetcher=[(1, 2, 3)])
+
+
+def test_choose_k_and_top_heads():
+    s = np.array([[0.0, -1.0, -0.05], [-0.2, 0.3, -0.09]])
+    assert choose_k(s) == 2 and top_heads(s, 2) == [(0, 1), (1, 0)]
+    assert choose_k(np.zeros((2, 2))) == 0
+
+
+def test_random_circuits_without_replacement():
+    c = Circuit(value_fetcher=[(0, 0), (0, 1), (1, 1)], pos_transmitter=[(1, 2)])
+    for r in random_circuits(c, 2, 4, n=20, seed=1):
+        assert r.sizes() == c.sizes() and len(r.heads()) == 4
+
+
+def test_mean_ablation_of_nothing_is_identity_and_of_everything_is_constant(tok):
+    model = tiny_llama(n_layers=2, n_heads=4, vocab_size=len(tok)).eval()
+    means = head_means(model, tok, n=20, n_boxes=3)
+    ex = sample_boxes(10, 3, seed=5)
+    b = encode(ex, tok)
+    with patch_heads(model, {}):
+        ref = model(**b.model_inputs()).logits[torch.arange(10), b.last_pos].argmax(-1) == b.answer_ids
+    assert (ablated_predictions(model, tok, ex, means) == ref.numpy()).all()
+    with pytest.raises(ValueError, match="same number of boxes"):
+        ablated_predictions(model, tok, sample_boxes(3, 4, seed=0), means)
