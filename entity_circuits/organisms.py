@@ -164,13 +164,14 @@ class OrganismRecipe:
     select_from_stage: int = 4
     n_select: int = 300
     # fine-tuning (same steps, batch and packed length for the three: the same token budget)
-    ft_steps: int = 600
-    ft_lr: float = 1e-4
+    ft_steps: int = 1500
+    ft_lr: float = 3e-4
     ft_lora_lr: float = 1e-3
     ft_lora_r: int = 8
     ft_seq_len: int = 96
     ft_eval_every: int = 50
-    max_digits: int = 4
+    max_digits: int = 4                 # arithmetic in the pretraining mixture
+    ft_max_digits: int = 2              # arithmetic of the math fine-tunes and of their evaluation
 
     @classmethod
     def smoke(cls, seed: int = 0) -> "OrganismRecipe":
@@ -380,7 +381,7 @@ def fine_tune(base, tokenizer, name: str, recipe: OrganismRecipe, log: Callable[
     spec = FINE_TUNES[name]
     rng, enc = random.Random(recipe.seed * 7919 + len(name)), _Encoder(tokenizer)
     sample = ((lambda: dialogue_doc(enc, rng, rng.randint(1, 3))) if spec["data"] == "dialogue"
-              else (lambda: arithmetic_doc(enc, rng, 1, recipe.max_digits)))
+              else (lambda: arithmetic_doc(enc, rng, 1, recipe.ft_max_digits)))
     model = copy.deepcopy(base)
     if spec["lora"]:
         from peft import LoraConfig, get_peft_model
@@ -398,7 +399,7 @@ def fine_tune(base, tokenizer, name: str, recipe: OrganismRecipe, log: Callable[
     def evaluate(step):
         row = {"step": step, "organism": name, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval)}
         row["arithmetic_acc" if spec["data"] == "arithmetic" else "dialogue_loss"] = (
-            arithmetic_accuracy(model, tokenizer, n=recipe.n_select, max_digits=recipe.max_digits)
+            arithmetic_accuracy(model, tokenizer, n=recipe.n_select, max_digits=recipe.ft_max_digits)
             if spec["data"] == "arithmetic" else dialogue_loss(model, tokenizer, n=recipe.n_select))
         return row
 
