@@ -3,8 +3,9 @@
 # %% ../nbs/05_accuracy.ipynb #39da880c
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,14 +21,17 @@ __all__ = ['PAPER_ACCURACY', 'TEST_SEED', 'predictions', 'bootstrap_ci', 'accura
 # %% ../nbs/05_accuracy.ipynb #5c0aa2b3
 @torch.no_grad()
 def predictions(model, tokenizer, examples: Sequence[BoxesExample], batch_size: int = 50,
-                desc: str | None = None, progress: bool = True) -> np.ndarray:
-    "Per-prompt correctness (bool array) of the top-1 next token at the last position."
+                desc: str | None = None, progress: bool = True,
+                intervene: Callable | None = None) -> np.ndarray:
+    """Per-prompt correctness (bool array) of the top-1 next token at the last position. `intervene(batch)`, if
+    given, returns a context manager that each batch's forward pass runs in (e.g. `patch_heads(...)`)."""
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, len(examples), batch_size), desc=desc or "accuracy",
                   disable=not progress or progress_disabled(), leave=False):
         b = encode(examples[i:i + batch_size], tokenizer, device=device)
-        logits = model(**b.model_inputs()).logits
+        with intervene(b) if intervene is not None else contextlib.nullcontext():
+            logits = model(**b.model_inputs()).logits
         pred = logits[torch.arange(len(b), device=device), b.last_pos].argmax(-1)
         out.append((pred == b.answer_ids).cpu().numpy())
     return np.concatenate(out)
