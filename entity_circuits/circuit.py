@@ -19,8 +19,7 @@ from .tracing import attention_layout, capture_heads, patch_heads
 
 # %% auto #0
 __all__ = ['MEANS_SEED', 'POSITIONS', 'PAPER_TABLE1', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
-           'evaluate_circuit', 'minimality', 'prune', 'find_circuit', 'overlap', 'completeness', 'attention_pattern',
-           'plot_circuit']
+           'evaluate_circuit', 'minimality', 'prune', 'overlap', 'completeness', 'attention_pattern', 'plot_circuit']
 
 # %% ../nbs/07_circuit.ipynb #d6608934
 MEANS_SEED = 123_456
@@ -170,17 +169,6 @@ def prune(circuit: Circuit, scores: dict, threshold: float = 0.01) -> Circuit:
     keep = {g: [h for h, d in zip(scores[g]["head"], scores[g]["relative drop"]) if d >= threshold] if g in scores
             else list(circuit[g]) for g in GROUPS}
     return Circuit(**keep)
-
-# %% ../nbs/07_circuit.ipynb #3cffd14f
-def find_circuit(model, tokenizer, examples, means, n: int = 300, seed: int = 0, pool: int = 10,
-                 threshold: float = 0.01, n_minimality: int = 200) -> Circuit:
-    """The whole procedure of these two chapters in one call: path patching on `n` prompts `model` answers
-    correctly (`discovery_prompts`), then minimality on `examples[:n_minimality]` and `prune` at `threshold`."""
-    clean, corrupt = discovery_prompts(model, tokenizer, n=n, seed=seed, pool=pool)
-    candidates, _ = discover_circuit(model, clean, corrupt, progress=False)
-    mini = {g: minimality(model, tokenizer, candidates, g, examples[:n_minimality], means)
-            for g in GROUPS if candidates[g]}
-    return prune(candidates, mini, threshold)
 
 # %% ../nbs/07_circuit.ipynb #7f5cd7d2
 def overlap(circuit: Circuit, reference: Circuit) -> pd.DataFrame:

@@ -1,0 +1,177 @@
+"""`entity-circuits reproduce`: resumable after a kill, a verdict that follows the result tables, the command line."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from entity_circuits.models import ORGANISMS
+from entity_circuits.reproduce import (NOT_COMPUTED, STEPS, Config, Zoo, _root_for, compare, default_models, judge,
+                                       main, ratio_ci, reproduce, verdict_table)
+from entity_circuits.results import cached, result_info, results_dir
+
+MODELS = ["organism-base", "organism-math-full"]  # two organisms keep the smoke run short
+COMMAND = [sys.executable, "-c", "import sys; from entity_circuits.reproduce import main; sys.exit(main())",
+           "reproduce", "--smoke", "--models", *MODELS]
+ENV = {**os.environ, "ENTITY_CIRCUITS_QUIET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def committed(root) -> dict:
+    "name -> mtime of the JSON of every complete result under `root`."
+    return {p.stem: p.stat().st_mtime_ns for p in root.glob("*.json") if result_info(p.stem, root) is not None}
+
+
+def test_killed_after_the_first_step_resumes_without_recomputing(tmp_path):
+    proc = subprocess.Popen(COMMAND + ["--results", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(r"\[1/\d+\] accuracy: done", line):
+            proc.send_signal(signal.SIGKILL)  # a hard kill: no cleanup, no exception handlers
+            break
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    before = committed(tmp_path)
+    assert {"accuracy", "accuracy_by_boxes", "accuracy_vs_base"} <= set(before)
+    assert not (tmp_path / "table1.json").exists()  # killed long before Table 1
+
+    time.sleep(0.01)
+    rerun = subprocess.run(COMMAND + ["--results", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=900)
+    out = rerun.stdout
+    assert rerun.returncode == 0, out + rerun.stderr
+    for name in before:  # everything finished before the kill is reused, its files untouched
+        assert f"{name}: reused" in out and f"{name}: computing" not in out, name
+        assert committed(tmp_path)[name] == before[name], name
+    assert "table1: computing" in out and "cross_circuit: computing" in out  # the rest was done now
+    assert "Verdict" in out and "math fine-tuning raises accuracy:" in out
+    after = committed(tmp_path)
+    assert {"circuit_base", "table1", "cross_circuit", "completeness", "circuit_math-full"} <= set(after)
+    assert (tmp_path / "path_patching_base.png").exists() and (tmp_path / "completeness.svg").exists()
+
+    # a third run computes nothing, and prints the same verdict
+    again = subprocess.run(COMMAND + ["--results", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0 and ": computing" not in again.stdout
+    assert again.stdout.split("Verdict", 1)[1] == out.split("Verdict", 1)[1]
+    assert committed(tmp_path) == after
+
+
+def _store(root, name, rows, **params):
+    return cached(name, lambda: pd.DataFrame(rows), params, root=root)
+
+
+def test_verdict_follows_the_result_tables(tmp_path):
+    v = verdict_table(tmp_path)
+    assert len(v) == 5 and (v.verdict == NOT_COMPUTED).all() and (v.organisms == NOT_COMPUTED).all()
+
+    def deltas(lora, full, chat):
+        return [dict(model=m, role=r, value=d, ci_low=d - 0.05, ci_high=d + 0.05)
+                for m, r, d in [("organism-chat", "chat", chat), ("organism-math-lora", "math-lora", lora),
+                                ("organism-math-full", "math-full", full)]]
+
+    _store(tmp_path, "accuracy_vs_base", deltas(0.2, 0.15, 0.0), v=1)
+    v = verdict_table(tmp_path).set_index("claim").verdict
+    assert v["math fine-tuning raises accuracy"] == "holds"
+    assert v["chat fine-tuning does not raise accuracy"] == "holds"
+    _store(tmp_path, "accuracy_vs_base", deltas(-0.5, 0.15, -0.4), v=2)  # the file changes, so does the verdict
+    v = verdict_table(tmp_path).set_index("claim")
+    assert v.verdict["math fine-tuning raises accuracy"] == "partly"
+    assert v.verdict["chat fine-tuning does not raise accuracy"] == "partly"
+    assert "math-lora -0.50 [-0.55, -0.45]" in v.organisms["math fine-tuning raises accuracy"]
+    _store(tmp_path, "accuracy_vs_base", deltas(-0.5, -0.2, 0.3), v=3)
+    v = verdict_table(tmp_path).set_index("claim").verdict
+    assert v["math fine-tuning raises accuracy"] == "does not hold"
+    assert v["chat fine-tuning does not raise accuracy"] == "does not hold"
+
+    faith = lambda vals: [dict(role=r, metric="faithfulness", context="keep", value=x, ci_low=x - 0.05, ci_high=x + 0.05)
+                          for r, x in zip(["base", "chat", "math-lora", "math-full"], vals)]
+    _store(tmp_path, "table1", faith([1.0, 0.95, 0.9, 0.97]), v=1)
+    assert verdict_table(tmp_path).verdict[2] == "holds"
+    _store(tmp_path, "table1", faith([1.0, 0.2, 0.1, 0.3]), v=2)
+    assert verdict_table(tmp_path).verdict[2] == "does not hold"
+
+    rng = np.random.default_rng(0)
+    fn = [dict(model=m, group=g, desideratum=d, run=r, accuracy=acc * (1 + 0.01 * rng.standard_normal()))
+          for r in range(10) for m, scale in [("organism-base", 1.0), ("organism-math-full", 1.2)]
+          for g, d, acc in [("value_fetcher", "object", 0.4 * scale), ("pos_transmitter", "position", 0.3 * scale)]]
+    _store(tmp_path, "dcm_functionality", fn, v=1)
+    assert verdict_table(tmp_path).verdict[3] == "holds"
+
+    def cmap(gains, ci=0.03):
+        rows = [dict(source="organism-base", group="alone", patch="none", accuracy=0.6, delta=0.0, delta_ci_low=0.0,
+                     delta_ci_high=0.0)]
+        return rows + [dict(source="organism-math-full", group=g, patch="output", accuracy=0.6 + d, delta=d,
+                            delta_ci_low=d - ci, delta_ci_high=d + ci) for g, d in gains.items()]
+
+    _store(tmp_path, "cmap_outputs", cmap({"D": 0.0, "C": -0.02, "B": 0.1, "A": 0.15, "full": 0.16}), v=1)  # the paper's shape
+    assert verdict_table(tmp_path).verdict[4] == "holds"
+    _store(tmp_path, "cmap_outputs", cmap({"B": 0.1, "A": 0.02, "full": 0.16}), v=2)   # B carries the gain, not A
+    assert verdict_table(tmp_path).verdict[4] == "does not hold"
+    _store(tmp_path, "cmap_outputs", cmap({"B": -0.05, "A": -0.2, "full": -0.25}), v=3)  # no gain to carry
+    assert verdict_table(tmp_path).verdict[4] == "does not hold"
+    _store(tmp_path, "cmap_outputs", cmap({"B": 0.0, "A": 0.01, "full": 0.01}, ci=0.05), v=4)  # cannot tell
+    assert verdict_table(tmp_path).verdict[4] == "partly"
+
+
+def test_rules():
+    assert compare(0.01, 0.2) == "above" and compare(-0.2, -0.01) == "below" and compare(-0.1, 0.1) == "unclear"
+    assert compare(0.85, 0.95, 0.8) == "above" and compare(np.nan, np.nan) == "unclear"
+    assert judge(["above"] * 3) == "holds" and judge(["below"] * 2) == "does not hold"
+    assert judge(["below", "unclear"]) == "partly" and judge(["unclear"]) == "partly" and judge([]) == NOT_COMPUTED
+    num, den = np.r_[np.ones(30), np.zeros(70)], np.r_[np.ones(60), np.zeros(40)]
+    lo, hi = ratio_ci(num, den)
+    assert lo < 0.5 < hi
+    assert ratio_ci(num, num) == (1.0, 1.0)
+
+
+def test_zoo_roles_and_roots(tmp_path, monkeypatch):
+    assert Zoo(ORGANISMS).by_role() == dict(zip(["base", "chat", "math-lora", "math-full"], ORGANISMS))
+    z = Zoo(["organism-math-full", "smollm2-135m-instruct", "organism-base"])
+    assert list(z.by_role()) == ["base", "math-full"] and z.extras == ["smollm2-135m-instruct"]
+    with pytest.raises(ValueError, match="both stand for"):
+        Zoo(["organism-base", "llama-7b"])
+    with pytest.raises(ValueError, match="unknown steps"):
+        reproduce(MODELS, only=["nope"], root=tmp_path)
+    monkeypatch.setenv("ENTITY_CIRCUITS_RESULTS", str(tmp_path))
+    assert _root_for(None) == tmp_path and _root_for(default_models()) == tmp_path
+    assert _root_for(["llama-7b", "goat-7b"]) == tmp_path / "llama-7b+goat-7b"
+    assert list(STEPS)[:3] == ["accuracy", "circuit", "table1"]
+
+
+def test_command_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--models", "--only", "--results", "--force", "--smoke"):
+        assert flag in text
+    with pytest.raises(SystemExit) as e:  # train-organisms is handed on to its own parser
+        main(["train-organisms", "--help"])
+    assert e.value.code == 0 and "--reuse-base" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--smoke"])
+    assert e.value.code == 2 and "--smoke needs --results" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--only", "nope", "--results", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_only_and_force(tmp_path, capsys):
+    "--only runs just those steps; --force recomputes a current table."
+    assert main(["reproduce", "--smoke", "--models", *MODELS, "--results", str(tmp_path), "--only", "accuracy"]) == 0
+    first = committed(tmp_path)
+    assert set(first) == {"accuracy", "accuracy_by_boxes", "accuracy_vs_base"}
+    out = capsys.readouterr().out
+    assert "1. math fine-tuning raises accuracy:" in out and "not computed" in out.lower()
+    time.sleep(0.01)
+    main(["reproduce", "--smoke", "--models", *MODELS, "--results", str(tmp_path), "--only", "accuracy"])
+    assert committed(tmp_path) == first
+    main(["reproduce", "--smoke", "--models", *MODELS, "--results", str(tmp_path), "--only", "accuracy", "--force"])
+    assert all(committed(tmp_path)[k] > first[k] for k in first)
+    assert "ENTITY_CIRCUITS_RECOMPUTE" not in os.environ  # --force does not leak
