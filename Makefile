@@ -34,8 +34,11 @@ test: setup
 	$(BIN)/python tools/check_sources.py
 	$(BIN)/python -m pytest tests/ --nbval-lax --nbval-current-env nbs/ -p no:cacheprovider
 
-# The main job on the shipped defaults, then the book (which executes every chapter) in _build/html/.
-reproduce: setup smollm2 book
+# The main job on the shipped defaults: every experiment into results/ (resumable), then the book
+# (which executes every chapter, reusing those results) in _build/html/.
+reproduce: setup smollm2
+	$(BIN)/entity-circuits reproduce
+	$(MAKE) book
 
 book: setup
 	$(BIN)/jupyter-book build --all . $(BOOK_FLAGS)  # --all: re-execute every chapter, never a stale page
