@@ -34,9 +34,9 @@ _log = logging.getLogger("entity_circuits.results")
 __all__ = ['ROLES', 'SMOLLM2', 'STEPS', 'NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CMAP_GROUPS', 'CLAIMS', 'role_of',
            'smollm2_available', 'default_models', 'Config', 'Zoo', 'step', 'paired_accuracy', 'step_accuracy',
            'circuit_table', 'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'step_circuit', 'ratio_ci',
-           'circuit_in_models', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step_figures', 'compare',
-           'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy', 'claim_faithful', 'claim_functions',
-           'claim_cmap', 'verdict_table', 'reproduce', 'format_verdict', 'main']
+           'circuit_in_models', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step_dcm', 'step_cmap',
+           'step_knockout', 'step_figures', 'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy',
+           'claim_faithful', 'claim_functions', 'claim_cmap', 'verdict_table', 'reproduce', 'format_verdict', 'main']
 
 # %% ../nbs/11_reproduce.ipynb #0a4d0aba
 ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
@@ -79,13 +79,14 @@ class Config:
     completeness_random: int = 10      # random knock-out sets in completeness
     n_extra: int = 150                 # prompts per box count for extra models (SmolLM2)
     extra_box_counts: tuple = (2, 3, 7)
+    heavy: bool = True                 # run the DCM, CMAP and knockout steps (at their chapters' sizes only)
 
     @classmethod
     def smoke(cls) -> "Config":
         "A few prompts everywhere: the whole pipeline in well under a minute (for tests and demonstrations)."
         return cls(n_test=30, box_counts=(7,), n_means=30, n_discovery=10, n_minimality=10, minimality_k=0,
                    n_random=1, n_ft_discovery=4, ft_pool=100, n_completeness=10, completeness_random=2, n_extra=5,
-                   extra_box_counts=(7,))
+                   extra_box_counts=(7,), heavy=False)
 
 # %% ../nbs/11_reproduce.ipynb #5c69e541
 class Zoo:
@@ -360,15 +361,57 @@ def step_completeness(zoo: Zoo, root=None) -> dict:
                                         random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
 
 # %% ../nbs/11_reproduce.ipynb #7262f77a
-# ---------------------------------------------------------------------------------------------------------------
-# Steps still to come (the lead adds them here, each as `@step(name) def fn(zoo, root)` writing via `cached`):
-#   @step("dcm")       entity_circuits.dcm: dcm_table(...) on the base circuit -> "dcm";
-#                      functionality(...) of the base's DCM heads in every model -> "dcm_functionality"
-#                      (columns model, group, desideratum, run, accuracy: what `claim_functions` reads)
-#   @step("cmap")      entity_circuits.cmap.cmap_table(...) -> "cmap_outputs" (and "cmap_inputs"), with the CMAP
-#                      chapter's parameters; `claim_cmap` reads "cmap_outputs" (source, group, patch, delta + CI)
-#   @step("knockout")  entity_circuits.knockout.knockout_curves(...) -> "knockout_curves" (the chapter's name and params)
-# ---------------------------------------------------------------------------------------------------------------
+@step("dcm")
+def step_dcm(zoo: Zoo, root=None) -> dict:
+    """The DCM chapter's tables: DCM on every role's own circuit (`dcm_<model>`), Fig. 3 of the base's DCM heads in
+    every model (`dcm_functionality`) and the position-transmitter variants (`dcm_variants`)."""
+    if not zoo.need("base") or not zoo.config.heavy:
+        return {}
+    from entity_circuits.dcm import selected_heads, stored_dcm, stored_functionality, stored_variants
+    cfg, base = zoo.config, zoo.roles["base"]
+    model, tok = zoo.load(base)
+    circuit = _need_circuit(root)
+    out = {"dcm_base": stored_dcm(base, model, tok, circuit, root)}
+    models = {r: zoo.load(m)[0] for r, m in zoo.by_role().items()}
+    out["dcm_functionality"] = stored_functionality(models, zoo.by_role().values(), tok,
+                                                    selected_heads(out["dcm_base"]), root)
+    out["dcm_variants"] = stored_variants(base, model, tok, circuit["pos_transmitter"], root)
+    for role in list(zoo.by_role())[1:]:
+        own = find_circuit_stored(zoo, role, cfg.n_ft_discovery, cfg.ft_pool, root)
+        out[f"dcm_{role}"] = stored_dcm(zoo.roles[role], models[role], tok, own, root)
+    return out
+
+
+@step("cmap")
+def step_cmap(zoo: Zoo, root=None) -> dict:
+    "The CMAP chapter's tables: the fine-tunes' head outputs (`cmap_outputs`) and q/k/v inputs (`cmap_inputs`) in the base."
+    if not zoo.need("base") or len(zoo.by_role()) < 2 or not zoo.config.heavy:
+        return {}
+    from entity_circuits.cmap import cmap_table
+    from entity_circuits.dcm import cmap_heads, stored_dcm
+    base = zoo.roles["base"]
+    circuit = _need_circuit(root)
+    heads, _ = cmap_heads(circuit, stored_dcm(base, *zoo.load(base), circuit, root))
+    sources = [zoo.roles[r] for r in ("math-lora", "math-full", "chat") if r in zoo.roles]
+    params = dict(base=base, sources=sources, heads_by_group=heads, n=500, n_boxes=7, seed=TEST_SEED,
+                  patches=["output"], full=True, batch_size=100)
+    ab = {g: heads[g] for g in ("pos_transmitter", "value_fetcher")}
+    kinds = ["Q", "K", "V", "QK", "QKV"]
+    return {"cmap_outputs": cached("cmap_outputs", lambda: cmap_table(base, sources, heads), params, [base, *sources], root),
+            "cmap_inputs": cached("cmap_inputs", lambda: cmap_table(base, sources, ab, patches=kinds, full=False),
+                                  params | dict(heads_by_group=ab, patches=kinds, full=False), [base, *sources], root)}
+
+
+@step("knockout")
+def step_knockout(zoo: Zoo, root=None) -> dict:
+    "The knockout chapter's curves of every role model (`knockout_curves`)."
+    if not zoo.by_role() or not zoo.config.heavy:
+        return {}
+    from entity_circuits.knockout import EDGES, knockout_curves
+    named = list(zoo.by_role().values())
+    return {"knockout_curves": cached("knockout_curves", lambda: knockout_curves({m: zoo.load(m) for m in named}),
+                                      dict(n=500, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50,
+                                           edges=list(EDGES)), named, root)}
 
 # %% ../nbs/11_reproduce.ipynb #79eaa941
 def _figure_is_current(name: str, table: str, root=None) -> bool:
