@@ -12,6 +12,12 @@ Python of `benchmarks/.venv-nnsight` (see README.md). Everything runs with one t
 The engine runs first: the heads it keeps for each group (`top_heads(scores, choose_k(scores))`) are the receivers
 of the next group, and the naive loops are then given the SAME receivers. The run fails (exit 1) only if the three
 methods' scores differ by 1e-5 or more; timings and ratios are printed, never asserted.
+
+The hook overhead (a forward pass under `TraceDict(every o_proj, retain_input=True)` against a plain one) is
+measured in two more fresh workers: one with glibc's default malloc settings, one with glibc told to keep freed
+memory (`GLIBC_TUNED`), because on a full batch the retained activations otherwise cost page faults, not hooks.
+`--save FILE` writes every number printed to a JSON file (the path-patching chapter shows
+`benchmarks/results/patching.json`).
 """
 from __future__ import annotations
 
@@ -32,6 +38,11 @@ NNSIGHT_PYTHON = HERE / ".venv-nnsight" / "bin" / "python"
 TOLERANCE = 1e-5
 METHODS = ("naive", "nnsight", "engine")
 EXTRA_GROUPS = ("pos_detector", "struct_reader")   # re-run with every last-layer head as a receiver (see worker)
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+GLIBC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+ALLOCATORS = {"glibc defaults": {}, "glibc tuned": GLIBC_TUNED}   # the hook-overhead workers' malloc settings
+SPEED_TARGET, HOOK_TARGET = 10.0, 1.05                           # the issue's targets: engine >= 10x, hooks <= 1.05x
+DEFAULT_SAVE = HERE / "results" / "patching.json"
 
 
 def _single_thread():
@@ -237,16 +248,35 @@ def worker(method: str, workdir: Path, batch_size: int):
     (workdir / f"result_{method}.json").write_text(json.dumps(result))
 
 
-def _run_worker(python: Path, method: str, workdir: Path, batch_size: int) -> dict:
+def hooks_worker(workdir: Path, batch_size: int, reps: int, tag: str):
+    "Hook overhead on 1 prompt and on a full batch, in this (fresh) process: its malloc settings are its own."
+    _single_thread()
+    from entity_circuits.models import load_model
+    model, _ = load_model("organism-base")
+    clean, _ = _load_batches(workdir / "prompts.pt")
+    rows = []
+    for size, r in ((1, reps), (batch_size, max(reps // 25, 8))):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        h = hook_overhead(model, next(_chunks(clean, size)), r)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        passes = 4 * (r + 3)                           # every arm, warm-up turns included
+        h["minflt_per_pass"] = (after.ru_minflt - before.ru_minflt) / passes
+        rows.append(h)
+    (workdir / f"result_hooks_{tag}.json").write_text(json.dumps(rows))
+
+
+def _run_worker(python: Path, method: str, workdir: Path, batch_size: int, extra: tuple = (),
+                env_extra: dict | None = None, result: str | None = None):
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", method, "--workdir", str(workdir),
-           "--batch-size", str(batch_size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+           "--batch-size", str(batch_size), *extra]
+    env = {k: v for k, v in os.environ.items() if env_extra is None or k not in MALLOC_VARS}
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}, **(env_extra or {}))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"the {method} worker failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads((workdir / f"result_{method}.json").read_text())
+    return json.loads((workdir / (result or f"result_{method}.json")).read_text())
 
 
 # ----------------------------------------------------------------------------------------------- hooks
@@ -304,6 +334,15 @@ def hook_overhead(model, batch, reps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def _machine() -> str:
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="60 prompts and fewer hook repetitions")
@@ -314,14 +353,19 @@ def main(argv=None):
     ap.add_argument("--nnsight-python", type=Path, default=NNSIGHT_PYTHON,
                     help="Python of a venv with nnsight and this package (default benchmarks/.venv-nnsight)")
     ap.add_argument("--skip-nnsight", action="store_true", help="benchmark without the nnsight loop")
-    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--save", type=Path, nargs="?", const=DEFAULT_SAVE, default=None,
+                    help=f"write every number to this JSON file (default {DEFAULT_SAVE.relative_to(HERE.parent)})")
+    ap.add_argument("--worker", choices=METHODS + ("hooks",), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    n = args.n or (60 if args.quick else 300)
+    reps = args.hook_reps or (200 if args.quick else 1000)
+    if args.worker == "hooks":
+        return hooks_worker(args.workdir, args.batch_size, reps, args.tag)
     if args.worker:
         return worker(args.worker, args.workdir, args.batch_size)
 
-    n = args.n or (60 if args.quick else 300)
-    reps = args.hook_reps or (200 if args.quick else 1000)
     methods = [m for m in ("engine", "naive", "nnsight") if not (m == "nnsight" and args.skip_nnsight)]
     if "nnsight" in methods and not args.nnsight_python.exists():
         raise SystemExit(f"no nnsight venv at {args.nnsight_python}: create it as README.md says, "
@@ -336,11 +380,12 @@ def main(argv=None):
     model, tok = load_model("organism-base")
     clean, corrupt = discovery_prompts(model, tok, n=n, seed=0)
     cfg = model.config
-    print(f"organism-base ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), {n} prompts of "
-          f"{clean.input_ids.shape[1]} tokens, batch size {args.batch_size}, 4 groups, every head a sender; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread, {os.cpu_count()} CPU cores", flush=True)
+    setup = (f"organism-base ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), {n} prompts of "
+             f"{clean.input_ids.shape[1]} tokens, batch size {args.batch_size}, 4 groups, every head a sender; "
+             f"torch {torch.__version__}, {torch.get_num_threads()} thread, {_machine()}")
+    print(setup, flush=True)
 
-    results, scores = {}, {}
+    results, scores, hooks = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="patching-bench-") as tmp:
         workdir = Path(tmp)
         _save_batches(workdir / "prompts.pt", clean, corrupt)
@@ -351,23 +396,28 @@ def main(argv=None):
             with np.load(workdir / f"scores_{m}.npz") as f:
                 scores[m] = {g: f[g] for g in f.files}
         receivers = json.loads((workdir / "receivers.json").read_text())
+        for i, (name, env) in enumerate(ALLOCATORS.items()):
+            print(f"running hook overhead ({name}) ...", flush=True)
+            hooks[name] = _run_worker(Path(sys.executable), "hooks", workdir, args.batch_size,
+                                      ("--hook-reps", str(reps), "--tag", str(i)), env, f"result_hooks_{i}.json")
 
     print("\nreceivers (found by the engine, given to every method):")
     for g in GROUPS:
         print(f"  {g:16s} {[tuple(h) for h in receivers[g]]}")
 
     eng = results["engine"]
+    labels = {"naive": "naive (package hooks)", "nnsight": f"naive (nnsight {results.get('nnsight', {}).get('nnsight', '')})",
+              "engine": "engine (+ shared cache)"}
     print("\n| method | wall time (s) | peak RSS above baseline (MiB) | time / engine | memory / engine |")
     print("|---|---:|---:|---:|---:|")
     for m in ("naive", "nnsight", "engine"):
         if m not in results:
             continue
         r = results[m]
-        label = {"naive": "naive (package hooks)", "nnsight": f"naive (nnsight {r.get('nnsight', '')})",
-                 "engine": "engine (+ shared cache)"}[m]
-        mem_ratio = r["delta_mib"] / eng["delta_mib"] if eng["delta_mib"] > 0 else float("nan")
-        print(f"| {label} | {r['wall_s']:.2f} | {r['delta_mib']:.1f} | {r['wall_s'] / eng['wall_s']:.1f}x "
-              f"| {mem_ratio:.2f}x |")
+        r["speedup"] = r["wall_s"] / eng["wall_s"]
+        r["memory_ratio"] = r["delta_mib"] / eng["delta_mib"] if eng["delta_mib"] > 0 else float("nan")
+        print(f"| {labels[m]} | {r['wall_s']:.2f} | {r['delta_mib']:.1f} | {r['speedup']:.1f}x "
+              f"| {r['memory_ratio']:.2f}x |")
     if not all(r["exact"] for r in results.values()):
         print("(peak memory from ru_maxrss deltas: /proc/self/clear_refs was not writable, so a lower bound)")
 
@@ -381,31 +431,56 @@ def main(argv=None):
             gt = results[m]["group_s"]
             print(f"| {m} | " + " | ".join(f"{gt[c]:.2f}" if c in gt else "-" for c in cols) + " |")
 
-    ok = True
+    ok, diffs = True, {}
     print("\nmax |score difference| over every sender head, per grid:")
     pairs = [(a, b) for a, b in (("naive", "engine"), ("nnsight", "engine"), ("nnsight", "naive"))
              if a in scores and b in scores]
     for a, b in pairs:
         per_group = {g: float(np.abs(scores[a][g] - scores[b][g]).max()) for g in scores["engine"]}
-        worst = max(per_group.values())
+        worst = diffs[f"{a} vs {b}"] = max(per_group.values())
         ok &= worst < TOLERANCE
         detail = ", ".join(f"{g} {v:.1e}" for g, v in per_group.items())
         print(f"  {a} vs {b}: {worst:.2e} ({detail}) {'OK' if worst < TOLERANCE else 'FAIL'} (< {TOLERANCE:g})")
+    print(f"scores identical (max |difference| {max(diffs.values()):.1e} < {TOLERANCE:g})" if ok else
+          f"scores DIFFER (max |difference| {max(diffs.values()):.1e} >= {TOLERANCE:g})")
 
     print("\nhook overhead: forward pass under TraceDict(every o_proj, retain_input=True) / plain forward pass "
           "(median of per-turn ratios; 'with' times entering and leaving the TraceDict too, 'registered' only "
-          "the pass; 'control' is a plain pass over another plain pass: the noise floor)")
-    print("| prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
-          "| ratio control | cost with (us) | cost registered (us) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for size, r in ((1, reps), (args.batch_size, max(reps // 25, 8))):
-        h = hook_overhead(model, next(_chunks(clean, size)), r)
-        print(f"| {h['batch']} | {h['reps']} | {h['plain_ms']:.3f} | {h['with_ms']:.3f} | {h['registered_ms']:.3f} "
-              f"| {h['ratio_with']:.3f} | {h['ratio_registered']:.3f} | {h['ratio_control']:.3f} "
-              f"| {h['cost_with_us']:.0f} "
-              f"| {h['cost_registered_us']:.0f} |")
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-          f"({os.cpu_count()} cores)")
+          "the pass; 'control' is a plain pass over another plain pass: the noise floor), each allocator in its "
+          f"own fresh worker ('glibc tuned' = {' '.join(f'{k}={v}' for k, v in GLIBC_TUNED.items())})")
+    print("| malloc | prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
+          "| ratio control | cost with (us) | cost registered (us) | page faults / pass |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rows in hooks.items():
+        for h in rows:
+            print(f"| {name} | {h['batch']} | {h['reps']} | {h['plain_ms']:.3f} | {h['with_ms']:.3f} "
+                  f"| {h['registered_ms']:.3f} | {h['ratio_with']:.3f} | {h['ratio_registered']:.3f} "
+                  f"| {h['ratio_control']:.3f} | {h['cost_with_us']:.0f} | {h['cost_registered_us']:.0f} "
+                  f"| {h['minflt_per_pass']:.0f} |")
+
+    print("\ntargets (printed, not asserted: one run on a shared machine is not a verdict):")
+    for m in ("naive", "nnsight"):
+        if m in results:
+            x = results[m]["speedup"]
+            print(f"  engine >= {SPEED_TARGET:g}x faster than {labels[m]}: {x:.1f}x "
+                  f"{'met' if x >= SPEED_TARGET else 'NOT met'}")
+    for name, rows in hooks.items():
+        for h in rows:
+            print(f"  hooked forward <= {HOOK_TARGET}x a plain one ({name}, {h['batch']} prompt(s), hooks registered"
+                  f" / with block): {h['ratio_registered']:.3f} / {h['ratio_with']:.3f} "
+                  f"{'met' if max(h['ratio_registered'], h['ratio_with']) <= HOOK_TARGET else 'NOT met'}")
+    load = os.getloadavg()
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in load)} ({os.cpu_count()} cores)")
+
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps({
+            "command": "benchmarks/patching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d"), "setup": setup, "machine": _machine(), "n_prompts": n,
+            "torch": torch.__version__, "results": results, "receivers": receivers, "max_abs_difference": diffs,
+            "scores_identical": ok, "tolerance": TOLERANCE, "hooks": hooks, "glibc_tuned": GLIBC_TUNED,
+            "load_average": load, "targets": {"speedup": SPEED_TARGET, "hook_ratio": HOOK_TARGET}}, indent=1) + "\n")
+        print(f"saved: {args.save}")
 
     if not ok:
         print("\nFAIL: the methods' scores differ by 1e-5 or more", file=sys.stderr)
