@@ -561,9 +561,24 @@ MAIN_FUNCTION = {"value_fetcher": "object", "pos_transmitter": "position", "pos_
 "The function (DCM desideratum) each group carries in the paper."
 
 
+def _base_function(t: pd.DataFrame, group: str) -> str | None:
+    """The desideratum `group` carries in the base, as DCM found it: the paper's (`MAIN_FUNCTION`) if DCM selected
+    heads of the group for it, else the one whose selected heads score highest in the base; None if DCM selected no
+    head of the group at all. (A table without a `heads` column counts every row as selected.)"""
+    sel = t[(t.group == group) & (t.role == "base")]
+    if "heads" in sel:
+        sel = sel[sel.heads > 0]
+    if sel.empty:
+        return None
+    if MAIN_FUNCTION[group] in set(sel.desideratum):
+        return MAIN_FUNCTION[group]
+    return sel.groupby("desideratum").accuracy.mean().idxmax()
+
+
 def claim_functions(root=None) -> dict:
-    """The groups keep their function in the fine-tuned models: for each group's main desideratum, the DCM heads'
-    accuracy in a fine-tune is at least `FAITHFUL` of the base's (ratio of means over runs, paired bootstrap CI)."""
+    """The groups keep their function in the fine-tuned models: for each group's function in the base (`_base_function`:
+    the paper's, unless DCM found the group carrying another), the DCM heads' accuracy in a fine-tune is at least
+    `FAITHFUL` of the base's (ratio of means over runs, paired bootstrap CI)."""
     row = dict(claim="group functions persist (DCM)", SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="dcm_functionality")
     try:
         from entity_circuits.dcm import PAPER_FIG3
@@ -576,16 +591,18 @@ def claim_functions(root=None) -> dict:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     t = t.assign(role=t.model.map(_role))
     cells, outcomes = [], []
-    for g, d in MAIN_FUNCTION.items():
+    for g in MAIN_FUNCTION:
+        d = _base_function(t, g)
+        if d is None:
+            continue                    # DCM selected no head of this group in the base: nothing to persist
         sel = t[(t.group == g) & (t.desideratum == d)]
         base = sel[sel.role == "base"].set_index("run").accuracy
-        if base.empty:
-            continue
+        name = f"{GROUP_LABELS[g][0]} {d}" + ("" if d == MAIN_FUNCTION[g] else f" (not {MAIN_FUNCTION[g]})")
         for role, s in sel[sel.role != "base"].groupby("role", sort=False):
             s = s.set_index("run").accuracy.reindex(base.index)
             lo, hi = ratio_ci(s.values, base.values)
             outcomes.append(compare(lo, hi, FAITHFUL))
-            cells.append(f"{GROUP_LABELS[g][0]} {d} {role} {fmt(s.mean() / base.mean(), lo, hi)}")
+            cells.append(f"{name} {role} {fmt(s.mean() / base.mean(), lo, hi)}")
     if not cells:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     return dict(row, organisms="; ".join(cells) + " (fine-tune / base)", verdict=judge(outcomes))

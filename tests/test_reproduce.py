@@ -102,6 +102,17 @@ def test_verdict_follows_the_result_tables(tmp_path):
           for g, d, acc in [("value_fetcher", "object", 0.4 * scale), ("pos_transmitter", "position", 0.3 * scale)]]
     _store(tmp_path, "dcm_functionality", fn, v=1)
     assert verdict_table(tmp_path).verdict[3] == "holds"
+    # the organism's shape: DCM selects no B head for position (both models at the floor, a ratio near 1) and one for
+    # the query label; the claim must test B on the label, where the fine-tune keeps 0.3 of the base's accuracy
+    fn = [dict(model=m, group=g, desideratum=d, run=r, heads=k, accuracy=acc * (1 + 0.01 * rng.standard_normal()))
+          for r in range(10) for m, scale in [("organism-base", 1.0), ("organism-math-full", 0.3)]
+          for g, d, k, acc in [("value_fetcher", "object", 8, 0.6 * scale), ("pos_transmitter", "position", 0, 0.05),
+                               ("pos_transmitter", "label", 1, 0.5 * scale)]]
+    _store(tmp_path, "dcm_functionality", fn, v=2)
+    v = verdict_table(tmp_path).set_index("claim")
+    assert v.verdict["group functions persist (DCM)"] == "does not hold"
+    assert "B label (not position) math-full 0.30" in v.organisms["group functions persist (DCM)"]
+    assert "B position" not in v.organisms["group functions persist (DCM)"]
 
     def cmap(gains, ci=0.03):
         rows = [dict(source="organism-base", group="alone", patch="none", accuracy=0.6, delta=0.0, delta_ci_low=0.0,
