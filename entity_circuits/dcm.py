@@ -20,7 +20,7 @@ from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, _desideratu
 from .models import progress_disabled
 from .results import cached
 from .path_patching import GROUP_LABELS, GROUPS, PATHS, Circuit
-from .tracing import TraceDict, attention_layout, patch_heads, split_heads
+from .tracing import attention_layout, capture_heads, patch_heads
 
 # %% auto #0
 __all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'FIG3_SEED', 'PAPER_FIG3', 'FILLER', 'VARIANTS', 'PAPER_VARIANTS', 'CMAP_RULE',
@@ -37,10 +37,6 @@ def group_positions(batch, group: str) -> torch.Tensor:
     return getattr(batch, f"{PATHS[group].position}_pos")
 
 
-def _layer_of(name: str, prefix: str) -> int:
-    return int(name[len(prefix) + 1:].split(".", 1)[0])
-
-
 @torch.no_grad()
 def source_cache(model, inputs: dict, positions: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
     "Outputs of `heads` at `positions` (one per prompt) of the forward pass on `inputs`: `[b, len(heads), head_dim]`."
@@ -48,23 +44,11 @@ def source_cache(model, inputs: dict, positions: torch.Tensor, heads: Sequence[t
     heads = [tuple(h) for h in heads]
     for l, h in heads:
         lay._check(l, h)
-    b = inputs["input_ids"].shape[0]
-    out = torch.zeros(b, len(heads), lay.head_dim)
     if not heads:
-        return out
-    ar = torch.arange(b)
-
-    def grab(x, name):
-        layer, z = _layer_of(name, lay.prefix), split_heads(x, lay.n_heads)
-        for j, (l, h) in enumerate(heads):
-            if l == layer:
-                out[:, j] = z[ar, positions, h].float().cpu()
-        return x
-
-    names = [lay.module(l, "o") for l in sorted({l for l, _ in heads})]
-    with TraceDict(model, names, retain_output=False, edit_input=grab, stop=True):
-        model(**inputs)
-    return out
+        return torch.zeros(inputs["input_ids"].shape[0], 0, lay.head_dim)
+    layers = sorted({l for l, _ in heads})
+    z = capture_heads(model, inputs, "o", layers=layers, positions=positions)   # [len(layers), b, n_heads, head_dim]
+    return torch.stack([z[layers.index(l), :, h] for l, h in heads], 1).float().cpu()
 
 # %% ../nbs/08_dcm.ipynb #dadff75d
 @contextlib.contextmanager

@@ -408,7 +408,7 @@ def attribution_patching(model, clean: BoxesBatch, corrupt: BoxesBatch, position
     for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size)):
         pos = getattr(c, f"{position}_pos")
         ar = torch.arange(len(c), device=pos.device)
-        zc = capture_heads(model, x, "o")[:, ar, pos]                      # [L, b, H, d]
+        zc = capture_heads(model, x, "o", positions=pos)                   # [L, b, H, d]
         with torch.enable_grad(), TraceDict(model, names, retain_input=True, retain_grad=True) as td:
             logits = model(**c.model_inputs()).logits
             p = _answer_prob(logits[ar, c.last_pos], c.answer_ids)

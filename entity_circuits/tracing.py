@@ -299,32 +299,6 @@ def _as_inputs(inputs) -> dict:
     raise TypeError(f"Cannot use {type(inputs).__name__} as model inputs: pass input ids or a dict.")
 
 
-@torch.no_grad()
-def capture_heads(
-    model: nn.Module,
-    inputs,
-    kind: str = "o",
-    layers: Sequence[int] | None = None,
-    expand_kv: bool = True,
-) -> torch.Tensor:
-    "Per-head activations `[n_layers, batch, seq, heads, head_dim]` of one kind ('o', 'q', 'k', 'v')."
-    if kind not in ("o", "q", "k", "v"):
-        raise ValueError(f"kind must be 'o', 'q', 'k' or 'v', not {kind!r}.")
-    lay = attention_layout(model)
-    layers = list(range(lay.n_layers)) if layers is None else list(layers)
-    names = [lay.module(l, kind) for l in layers]
-    with TraceDict(model, names, retain_input=kind == "o", retain_output=kind != "o", stop=True) as td:
-        model(**_as_inputs(inputs))
-    n = lay.n_kv_heads if kind in ("k", "v") else lay.n_heads
-    out = []
-    for name in names:
-        act = split_heads(td[name].input if kind == "o" else td[name].output, n)
-        if kind in ("k", "v") and expand_kv:
-            act = act.repeat_interleave(lay.group_size, dim=-2)
-        out.append(act)
-    return torch.stack(out)
-
-# %% ../nbs/01_tracing.ipynb #9a437c8e
 def _index(x: torch.Tensor, positions) -> tuple:
     "Index tuple selecting `positions` along dim 1 of `x` `[batch, seq, ...]`."
     if positions is None:
@@ -340,6 +314,40 @@ def _index(x: torch.Tensor, positions) -> tuple:
     return (torch.arange(x.shape[0], device=x.device), positions)
 
 
+@torch.no_grad()
+def capture_heads(
+    model: nn.Module,
+    inputs,
+    kind: str = "o",
+    layers: Sequence[int] | None = None,
+    expand_kv: bool = True,
+    positions=None,
+) -> torch.Tensor:
+    """Per-head activations `[n_layers, batch, seq, heads, head_dim]` of one kind ('o', 'q', 'k', 'v'); with
+    `positions` (an int, or one position per example) only those are kept: `[n_layers, batch, heads, head_dim]`."""
+    if kind not in ("o", "q", "k", "v"):
+        raise ValueError(f"kind must be 'o', 'q', 'k' or 'v', not {kind!r}.")
+    lay = attention_layout(model)
+    layers = list(range(lay.n_layers)) if layers is None else list(layers)
+    names = [lay.module(l, kind) for l in layers]
+    n = lay.n_kv_heads if kind in ("k", "v") else lay.n_heads
+    kept = {}
+
+    def keep(x, name):   # the head's output is o_proj's input; q, k, v are the projections' outputs
+        z = split_heads(x, n)
+        kept[name] = z if positions is None else z[_index(z, positions)]
+        return x
+
+    hook = {"edit_input": keep} if kind == "o" else {"edit_output": keep}
+    with TraceDict(model, names, retain_output=False, stop=True, **hook):
+        model(**_as_inputs(inputs))
+    out = [kept[name] for name in names]
+    if kind in ("k", "v") and expand_kv:
+        out = [act.repeat_interleave(lay.group_size, dim=-2) for act in out]
+    return torch.stack(out)
+
+
+# %% ../nbs/01_tracing.ipynb #9a437c8e
 @contextlib.contextmanager
 def patch_heads(model: nn.Module, values: Mapping[tuple[int, int], Any], positions=None):
     "Within the block, replace the outputs of heads `{(layer, head): value}` at `positions`."
