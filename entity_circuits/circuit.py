@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import BoxesExample, encode, sample_boxes
-from .evaluate import predictions
+from .evaluate import bootstrap_ci, predictions, ratio_ci
 from .models import progress_disabled
 from .path_patching import GROUPS, Circuit, discover_circuit, discovery_prompts
 from .tracing import attention_layout, capture_heads, patch_heads
@@ -115,22 +115,39 @@ PAPER_TABLE1 = pd.DataFrame({
 }, index=["base", "chat", "math-lora", "math-full"])
 
 
-def evaluate_circuit(models: dict, tokenizer, circuit: Circuit, examples, means: dict, n_random: int = 10,
-                     seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    "Full accuracy, circuit accuracy, mean random-circuit accuracy and faithfulness of `circuit` in each model."
+def _stat(**kw) -> dict:
+    "A row's value and bootstrap 95% CI from per-prompt outcomes `values=` (or of a ratio: `num=`, `den=`, paired)."
+    if "values" in kw:
+        v = np.asarray(kw.pop("values"), float)
+        return dict(kw, value=v.mean(), ci_low=bootstrap_ci(v)[0], ci_high=bootstrap_ci(v)[1])
+    num, den = np.asarray(kw.pop("num"), float), np.asarray(kw.pop("den"), float)
+    lo, hi = ratio_ci(num, den)
+    return dict(kw, value=num.mean() / den.mean() if den.mean() else np.nan, ci_low=lo, ci_high=hi)
+
+
+def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_random: int = 10, seed: int = 0,
+                     contexts: Sequence[str] = ("ablate", "keep"), name: str = "circuit",
+                     progress: bool = True) -> pd.DataFrame:
+    """`circuit` in each of `models` (name -> `(model, tokenizer)`; `means`: name -> `head_means`): full accuracy,
+    circuit accuracy, faithfulness = circuit / full and the mean accuracy of `n_random` random circuits of the same
+    group sizes, per ablation `context`, each with a bootstrap 95% CI over prompts (faithfulness: paired, of the
+    ratio). Tidy: model, circuit, heads, n, context, metric, value, ci_low, ci_high."""
     rows = []
-    for name, model in tqdm(models.items(), desc="models", disable=not progress or progress_disabled(), leave=False):
+    for m, (model, tok) in tqdm(models.items(), desc=f"{name} circuit", disable=not progress or progress_disabled(),
+                                leave=False):
         lay = attention_layout(model)
-        full = float(predictions(model, tokenizer, examples, progress=False).mean())
-        row = {"model": name, "full": full}
-        for context, tag in (("ablate", ""), ("keep", " (context kept)")):
-            acc = circuit_accuracy(model, tokenizer, circuit, examples, means[name], context=context)
-            rand = [circuit_accuracy(model, tokenizer, c, examples, means[name], context=context)
-                    for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, seed)]
-            row |= {f"circuit{tag}": acc, f"random{tag}": float(np.mean(rand)) if rand else float("nan"),
-                    f"faithfulness{tag}": acc / full if full else float("nan")}
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("model")
+        full = predictions(model, tok, examples, progress=False)
+        key = dict(model=m, circuit=name, heads=len(circuit.heads()), n=len(examples))
+        for context in contexts:
+            acc = ablated_predictions(model, tok, examples, means[m], kept=circuit.heads(), context=context)
+            rows += [_stat(**key, context=context, metric="full", values=full),
+                     _stat(**key, context=context, metric="circuit", values=acc),
+                     _stat(**key, context=context, metric="faithfulness", num=acc, den=full)]
+            if n_random:
+                rand = np.mean([ablated_predictions(model, tok, examples, means[m], kept=c.heads(), context=context)
+                                for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, seed)], axis=0)
+                rows.append(_stat(**key, context=context, metric="random", values=rand))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/07_circuit.ipynb #6907197d
 def minimality(model, tokenizer, circuit: Circuit, group: str, examples, means, max_k: int = 2,

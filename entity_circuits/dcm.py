@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -344,6 +344,7 @@ def functionality(models: dict, tokenizer, heads: dict, runs: int = 10, n: int =
 # %% ../nbs/08_dcm.ipynb #071e4b4a
 def plot_functionality(df: pd.DataFrame, order: Sequence[str], paper: pd.DataFrame | None = None):
     "Grouped bars like the paper's Fig. 3: one group of bars per (group, desideratum), one bar per model, std as error bars."
+    import matplotlib.pyplot as plt
     stats = df.groupby(["group", "desideratum", "model"])["accuracy"].agg(["mean", "std"]).mul(100).reset_index()
     keys = [k for k in dict.fromkeys(zip(stats["group"], stats["desideratum"]))]
     keys.sort(key=lambda k: (GROUPS.index(k[0]), DESIDERATA.index(k[1])))

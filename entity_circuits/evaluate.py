@@ -16,7 +16,7 @@ from .data import BoxesExample, encode, sample_boxes, usable_labels, usable_obje
 from .models import progress_disabled
 
 # %% auto #0
-__all__ = ['PAPER_ACCURACY', 'TEST_SEED', 'predictions', 'bootstrap_ci', 'accuracy_table']
+__all__ = ['PAPER_ACCURACY', 'TEST_SEED', 'predictions', 'bootstrap_ci', 'ratio_ci', 'accuracy_table']
 
 # %% ../nbs/05_accuracy.ipynb #5c0aa2b3
 @torch.no_grad()
@@ -45,6 +45,16 @@ def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0, level: 
     rng = np.random.default_rng(seed)
     means = correct[rng.integers(0, correct.size, (n_boot, correct.size))].mean(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    "Paired percentile-bootstrap CI of `mean(num) / mean(den)` over the same prompts (e.g. faithfulness)."
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    idx = np.random.default_rng(seed).integers(0, len(num), (n_boot, len(num)))
+    d = den[idx].mean(1)
+    r = np.where(d > 0, num[idx].mean(1) / np.where(d > 0, d, 1), np.nan)
+    lo, hi = np.nanquantile(r, [(1 - level) / 2, (1 + level) / 2]) if np.isfinite(r).any() else (np.nan, np.nan)
     return float(lo), float(hi)
 
 # %% ../nbs/05_accuracy.ipynb #03304fee

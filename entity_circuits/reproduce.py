@@ -17,23 +17,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from .circuit import MEANS_SEED, PAPER_TABLE1, ablated_predictions, head_means, minimality, overlap
-from .circuit import completeness as completeness_of, prune, random_circuits
+from .circuit import MEANS_SEED, PAPER_TABLE1, evaluate_circuit, head_means, minimality, overlap
+from .circuit import completeness as completeness_of, prune
 from .data import sample_boxes, usable_labels, usable_objects
-from .evaluate import PAPER_ACCURACY, TEST_SEED, accuracy_table, bootstrap_ci, predictions
+from .evaluate import PAPER_ACCURACY, TEST_SEED, accuracy_table, bootstrap_ci, predictions, ratio_ci
 from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model, progress_disabled
 from .path_patching import GROUP_LABELS, GROUPS, Circuit, discover_circuit, discovery_prompts, plot_scores
 from .results import RECOMPUTE_ENV, cached, load_result, results_dir, save_figure
-from .tracing import attention_layout
 
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
 __all__ = ['ROLES', 'SMOLLM2', 'STEPS', 'NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CMAP_GROUPS', 'CLAIMS', 'role_of',
            'smollm2_available', 'default_models', 'Config', 'Zoo', 'step', 'paired_accuracy', 'step_accuracy',
-           'circuit_table', 'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'step_circuit', 'ratio_ci',
+           'circuit_table', 'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'step_circuit',
            'circuit_in_models', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step_dcm', 'step_cmap',
            'step_knockout', 'step_figures', 'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy',
            'claim_faithful', 'claim_functions', 'claim_cmap', 'verdict_table', 'reproduce', 'format_verdict', 'main']
@@ -258,49 +256,16 @@ def step_circuit(zoo: Zoo, root=None) -> dict:
     return {n: load_result(n, root) for n in ("path_patching_base", "minimality_base", "circuit_base")}
 
 # %% ../nbs/11_reproduce.ipynb #3c11bdaa
-def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
-    "Paired percentile-bootstrap CI of `mean(num) / mean(den)` over the same prompts (e.g. faithfulness)."
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    idx = np.random.default_rng(seed).integers(0, len(num), (n_boot, len(num)))
-    d = den[idx].mean(1)
-    r = np.where(d > 0, num[idx].mean(1) / np.where(d > 0, d, 1), np.nan)
-    lo, hi = np.nanquantile(r, [(1 - level) / 2, (1 + level) / 2]) if np.isfinite(r).any() else (np.nan, np.nan)
-    return float(lo), float(hi)
-
-
-def _stat(**kw) -> dict:
-    "A row's value and bootstrap CI from per-prompt outcomes `values=` (or a ratio: `num=`, `den=`)."
-    if "values" in kw:
-        v = np.asarray(kw.pop("values"), float)
-        return dict(kw, value=v.mean(), ci_low=bootstrap_ci(v)[0], ci_high=bootstrap_ci(v)[1])
-    num, den = np.asarray(kw.pop("num"), float), np.asarray(kw.pop("den"), float)
-    lo, hi = ratio_ci(num, den)
-    return dict(kw, value=num.mean() / den.mean() if den.mean() else np.nan, ci_low=lo, ci_high=hi)
-
-
 def circuit_in_models(zoo: Zoo, circuit, circuit_name: str, contexts=("ablate", "keep"), n_random: int = 0,
                       examples=None) -> pd.DataFrame:
-    """`circuit` evaluated in every role model: full accuracy, circuit accuracy, mean accuracy of `n_random` random
-    circuits of the same sizes, faithfulness = circuit / full, per ablation `context`, with bootstrap 95% CIs (the
-    circuit chapter's `evaluate_circuit`, per prompt). Tidy: model, role, circuit, context, metric, value, CI, n."""
+    """The circuit chapter's `evaluate_circuit` of `circuit` in every role model of `zoo` (its test prompts and head
+    means), with each row's role. Tidy: model, role, circuit, heads, n, seed, context, metric, value, ci_low, ci_high."""
     examples = zoo.test_prompts() if examples is None else examples
-    rows = []
-    for role, name in tqdm(zoo.by_role().items(), desc=f"{circuit_name} circuit", leave=False,
-                           disable=progress_disabled()):
-        model, tok = zoo.load(name)
-        lay, means = attention_layout(model), zoo.means(name)
-        full = predictions(model, tok, examples, progress=False)
-        key = dict(model=name, role=role, circuit=circuit_name, heads=len(circuit.heads()), n=len(examples), seed=TEST_SEED)
-        for context in contexts:
-            acc = ablated_predictions(model, tok, examples, means, kept=circuit.heads(), context=context)
-            rows += [_stat(**key, context=context, metric="full", values=full),
-                     _stat(**key, context=context, metric="circuit", values=acc),
-                     _stat(**key, context=context, metric="faithfulness", num=acc, den=full)]
-            if n_random:
-                rand = np.mean([ablated_predictions(model, tok, examples, means, kept=c.heads(), context=context)
-                                for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, seed=0)], axis=0)
-                rows.append(_stat(**key, context=context, metric="random", values=rand))
-    return pd.DataFrame(rows)
+    named = zoo.by_role()
+    t = evaluate_circuit({r: zoo.load(m) for r, m in named.items()}, circuit, examples,
+                         {r: zoo.means(m) for r, m in named.items()}, n_random=n_random, seed=0, contexts=contexts,
+                         name=circuit_name)
+    return t.rename(columns={"model": "role"}).assign(model=lambda d: d.role.map(named), seed=TEST_SEED)
 
 
 def _need_circuit(root, role="base"):

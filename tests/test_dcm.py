@@ -93,3 +93,20 @@ def test_clear_errors(tiny):
         source_cache(tiny, _ids(0), torch.zeros(4, dtype=torch.long), [(5, 0)])
     with pytest.raises(ValueError, match="unknown variant"):
         variant_data(tiny, None, [], "no_such_variant", [(0, 0)])
+
+
+def test_plot_functionality_runs_from_the_package():
+    "The figure function needs nothing the chapter imported for it (it once used the notebook's `plt`)."
+    import subprocess, sys, textwrap
+    code = textwrap.dedent("""
+        import matplotlib; matplotlib.use("Agg")
+        import pandas as pd
+        from entity_circuits.dcm import PAPER_FIG3, plot_functionality
+        df = pd.DataFrame([dict(model=m, group=g, desideratum=d, run=r, accuracy=0.5 + 0.1 * r)
+                           for m in ("a", "b") for g, d in [("value_fetcher", "object"), ("pos_transmitter", "label")]
+                           for r in range(3)])
+        fig = plot_functionality(df, ["a", "b"], PAPER_FIG3)
+        assert len(fig.axes) == 2 and len(fig.axes[0].patches) == 4
+        print("ok")""")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from entity_circuits.models import ORGANISMS
+from entity_circuits.evaluate import ratio_ci
 from entity_circuits.reproduce import (NOT_COMPUTED, STEPS, Config, Zoo, _root_for, compare, default_models, judge,
-                                       main, ratio_ci, reproduce, verdict_table)
+                                       main, reproduce, verdict_table)
 from entity_circuits.results import cached, result_info, results_dir
 
 MODELS = ["organism-base", "organism-math-full"]  # two organisms keep the smoke run short
