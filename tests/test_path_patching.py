@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from entity_circuits.circuit import ablated_predictions, head_means, random_circuits
+from entity_circuits.circuit import ablated_predictions, evaluate_circuit, head_means, random_circuits
 from entity_circuits.data import corrupt_for_path_patching, encode, sample_boxes
 from entity_circuits.models import load_model
 from entity_circuits.path_patching import (GROUPS, Circuit, attribution_patching, choose_k, paper_asset,
@@ -98,7 +98,7 @@ def test_random_circuits_without_replacement():
         assert r.sizes() == c.sizes() and len(r.heads()) == 4
 
 
-def test_mean_ablation_of_nothing_is_identity_and_of_everything_is_constant(tok):
+def test_mean_ablation_of_nothing_is_identity(tok):
     model = tiny_llama(n_layers=2, n_heads=4, vocab_size=len(tok)).eval()
     means = head_means(model, tok, n=20, n_boxes=3)
     ex = sample_boxes(10, 3, seed=5)
@@ -108,3 +108,18 @@ def test_mean_ablation_of_nothing_is_identity_and_of_everything_is_constant(tok)
     assert (ablated_predictions(model, tok, ex, means) == ref.numpy()).all()
     with pytest.raises(ValueError, match="same number of boxes"):
         ablated_predictions(model, tok, sample_boxes(3, 4, seed=0), means)
+
+
+def test_faithfulness_of_every_head_is_one_and_of_no_head_near_zero(tok):
+    "The two ends of `evaluate_circuit` on the base organism: every head kept (context kept) is the model; none is not."
+    model = load_model("organism-base")[0]
+    ex = sample_boxes(100, 7, seed=11)
+    means = {"base": head_means(model, tok, n=100)}
+    every = Circuit(value_fetcher=[(l, h) for l in range(2) for h in range(8)])
+    t = evaluate_circuit({"base": (model, tok)}, every, ex, means, n_random=0, contexts=("keep",),
+                         progress=False).set_index("metric").value
+    assert t["full"] > 0.3 and t["circuit"] == t["full"] and t["faithfulness"] == 1.0
+    e = evaluate_circuit({"base": (model, tok)}, Circuit(), ex, means, n_random=0,
+                         progress=False).set_index(["context", "metric"]).value
+    assert e["ablate", "circuit"] <= 0.05 and e["keep", "circuit"] <= 0.05
+    assert e["ablate", "faithfulness"] < 0.1 and e["keep", "faithfulness"] < 0.1
