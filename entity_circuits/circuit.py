@@ -257,7 +257,7 @@ def plot_circuit(model, tokenizer, circuit: Circuit, example: BoxesExample):
                  ha="right", fontsize=9, xycoords="axes fraction", arrowprops=dict(arrowstyle="<-"))
     for ax, g in zip(axes[1:], groups):
         l, h = circuit[g][0]
-        pos = int(getattr(b, f"{PATHS[g].position}_pos")[0])
+        pos = int(PATHS[g].positions(b)[0])
         row = attention_pattern(model, b, l, h)[0, pos]
         ax.bar(range(len(tokens)), row.cpu().numpy(), color="tab:blue")
         ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)

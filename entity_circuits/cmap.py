@@ -280,7 +280,7 @@ def _by_position(heads_by_group: Mapping) -> dict[str, list]:
         raise ValueError(f"unknown group(s) {unknown}; the groups are {list(GROUPS)}.")
     out: dict[str, list] = {}
     for g, hs in heads_by_group.items():
-        lst = out.setdefault(PATHS[g].position + "_pos", [])
+        lst = out.setdefault(PATHS[g].field, [])
         lst.extend(h for h in (tuple(map(int, x)) for x in hs) if h not in lst)
     return {p: hs for p, hs in out.items() if hs}
 

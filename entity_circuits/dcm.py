@@ -34,7 +34,7 @@ def group_positions(batch, group: str) -> torch.Tensor:
     "Token position of `group` (its `PATHS` position) in every prompt of a `BoxesBatch`: `[b]`."
     if group not in PATHS:
         raise ValueError(f"unknown group {group!r}; choose from {list(PATHS)}.")
-    return getattr(batch, f"{PATHS[group].position}_pos")
+    return PATHS[group].positions(batch)
 
 
 @torch.no_grad()
@@ -315,7 +315,7 @@ def functionality(models: dict, tokenizer, heads: dict, runs: int = 10, n: int =
     """Accuracy of patching `heads[(group, desideratum)]` source -> base in every model, `runs` fresh pair sets
     of `n`. Per model and run: one source pass per group position, one plain pass (the floor: no heads), and one
     patched pass per distinct head set."""
-    sets = {(PATHS[g].position, tuple(sorted(map(tuple, hs)))) for (g, _), hs in heads.items()}
+    sets = {(PATHS[g].field, tuple(sorted(map(tuple, hs)))) for (g, _), hs in heads.items()}
     sets = {s if s[1] else ("none", ()) for s in sets}
     rows = []
     for r in tqdm(range(runs), desc="Fig. 3", disable=progress_disabled() if progress is None else not progress):
@@ -329,14 +329,14 @@ def functionality(models: dict, tokenizer, heads: dict, runs: int = 10, n: int =
             outcome = {("none", ()): top1(plain, [], torch.ones(0))}
             for where in {w for w, hs in sets if hs}:
                 union = sorted({h for w, hs in sets if w == where for h in hs})
-                src = source_cache(model, enc.source.model_inputs(), getattr(enc.source, f"{where}_pos"), union)
-                data = plain._replace(positions=getattr(enc.base, f"{where}_pos"), source=src)
+                src = source_cache(model, enc.source.model_inputs(), getattr(enc.source, where), union)
+                data = plain._replace(positions=getattr(enc.base, where), source=src)
                 for w, hs in sets:
                     if w == where:
                         outcome[w, hs] = top1(data, union, torch.tensor([0.0 if h in hs else 1.0 for h in union]))
             for (g, d), hs in heads.items():
                 hs = tuple(sorted(map(tuple, hs)))
-                pred = outcome[(PATHS[g].position, hs) if hs else ("none", ())]
+                pred = outcome[(PATHS[g].field, hs) if hs else ("none", ())]
                 rows.append({"model": name, "group": g, "desideratum": d, "run": r, "heads": len(hs), "n": n,
                              "accuracy": (pred == enc.targets[d]).float().mean().item()})
     return pd.DataFrame(rows)

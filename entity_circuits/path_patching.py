@@ -41,6 +41,15 @@ class Path:
     receivers: str | None            # the group whose inputs the senders act on; None = the logits directly
     receiver_kind: str | None        # 'q' or 'v' (the receivers' query or value input at `position`)
 
+    @property
+    def field(self) -> str:
+        "The `BoxesBatch` field holding the position: 'last_pos', 'query_pos' or 'prev_query_pos'."
+        return f"{self.position}_pos"
+
+    def positions(self, batch: BoxesBatch) -> torch.Tensor:
+        "The group's token position in every prompt of `batch`: `[b]`."
+        return getattr(batch, self.field)
+
 
 PATHS = {
     "value_fetcher": Path("last", None, None),
@@ -311,7 +320,7 @@ def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path
     "Relative change of the answer probability, per sender `[L, H, b]`, for one chunk of prompts."
     parts = _parts(model)
     lay = parts[0]
-    pos = getattr(clean, f"{path.position}_pos")
+    pos = path.positions(clean)
     out = torch.zeros(lay.n_layers, lay.n_heads, len(clean), device=pos.device)
     heads = list(range(lay.n_heads))
     for layer in range(lay.n_layers):
@@ -334,7 +343,7 @@ def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: Path, rece
     lay = attention_layout(model)
     inputs = clean.model_inputs()
     clean_z, corrupt_z = capture_heads(model, clean, "o"), capture_heads(model, corrupt, "o")
-    pos, b = getattr(clean, f"{path.position}_pos"), len(clean)
+    pos, b = path.positions(clean), len(clean)
     ar = torch.arange(b, device=pos.device)
     prob = lambda logits: _answer_prob(logits[ar, clean.last_pos], clean.answer_ids)
     p_clean = prob(model(**inputs).logits)
