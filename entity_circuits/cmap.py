@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from .data import BoxesBatch, encode, sample_boxes, usable_labels, usable_objects
 from .evaluate import TEST_SEED, bootstrap_ci, predictions
 from .models import progress_disabled
-from .path_patching import GROUPS, PATHS
+from .path_patching import GROUP_LETTERS, GROUPS, PATHS
+from .results import cached
 from .tracing import TraceDict, attention_layout, get_module, split_heads
 
 # %% auto #0
-__all__ = ['GROUP_LETTERS', 'PAPER_CMAP', 'PAPER_CMAP_BASE', 'HeadActivations', 'head_activations', 'Contributions',
+__all__ = ['PAPER_CMAP', 'PAPER_CMAP_BASE', 'CMAP_INPUT_KINDS', 'HeadActivations', 'head_activations', 'Contributions',
            'head_contributions', 'cmap_patch', 'input_patch', 'cmap_predictions', 'cmap_accuracy', 'cmap_table',
-           'plot_cmap']
+           'stored_cmap', 'plot_cmap']
 
 # %% ../nbs/09_cmap.ipynb #cee235a1
 def _positions(batch: BoxesBatch, positions) -> torch.Tensor | None:
@@ -267,10 +268,6 @@ def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds:
         yield
 
 # %% ../nbs/09_cmap.ipynb #88a47698
-GROUP_LETTERS = {"value_fetcher": "A", "pos_transmitter": "B", "pos_detector": "C", "struct_reader": "D"}
-"The paper's letters for the four groups."
-
-
 def _by_position(heads_by_group: Mapping) -> dict[str, list]:
     "The heads to patch at each position (a `BoxesBatch` field), from `{group: heads}`; empty groups dropped."
     if not isinstance(heads_by_group, Mapping):
@@ -377,6 +374,24 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
         done = dict(zip([(g, p) for g, _, p, _ in todo], results))
         rows += [row(name, base_name, g, p, k, done.get((g, p))) for g, _, p, k in configs]
     return pd.DataFrame(rows)
+
+
+CMAP_INPUT_KINDS = ("Q", "K", "V", "QK", "QKV")
+"The input patches of the chapter's second table, on the A and B heads."
+
+
+def stored_cmap(base: str, sources: Sequence[str], heads_by_group: Mapping, inputs: bool = False,
+                root=None) -> pd.DataFrame:
+    """The chapter's tables through the results store: every group's head outputs patched into `base`
+    (`cmap_outputs`, with the full circuit), or with `inputs` the A and B heads' q/k/v inputs (`cmap_inputs`)."""
+    sources = list(sources)
+    if inputs:
+        heads_by_group = {g: heads_by_group[g] for g in ("pos_transmitter", "value_fetcher")}
+    kw = dict(patches=list(CMAP_INPUT_KINDS), full=False) if inputs else dict(patches=["output"], full=True)
+    params = dict(base=base, sources=sources, heads_by_group=heads_by_group, n=500, n_boxes=7, seed=TEST_SEED,
+                  batch_size=100, **kw)
+    return cached("cmap_inputs" if inputs else "cmap_outputs", lambda: cmap_table(base, sources, heads_by_group, **kw),
+                  params, [base, *sources], root)
 
 # %% ../nbs/09_cmap.ipynb #0e4118d7
 def plot_cmap(df: pd.DataFrame, paper: pd.DataFrame | None = PAPER_CMAP, paper_base: float = PAPER_CMAP_BASE,

@@ -19,7 +19,7 @@ from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, _desideratu
                                   make_desiderata)
 from .models import progress_disabled
 from .results import cached
-from .path_patching import GROUP_LABELS, GROUPS, PATHS, Circuit
+from .path_patching import GROUP_LABELS, GROUP_LETTERS, GROUPS, PATHS, Circuit
 from .tracing import attention_layout, capture_heads, patch_heads
 
 # %% auto #0
@@ -355,7 +355,7 @@ def plot_functionality(df: pd.DataFrame, order: Sequence[str], paper: pd.DataFra
         s = stats[stats.model == m].set_index(["group", "desideratum"]).reindex(keys)
         ax.bar(np.arange(len(keys)) + i * w, s["mean"], w, yerr=s["std"], label=m, capsize=2)
     ax.set_xticks(np.arange(len(keys)) + w * (len(order) - 1) / 2,
-                  [f"{GROUP_LABELS[g].split()[0] if ' ' in GROUP_LABELS[g] else g}\n{d}" for g, d in keys], fontsize=8)
+                  [f"{GROUP_LETTERS[g]}:\n{d}" for g, d in keys], fontsize=8)
     ax.set_ylabel("accuracy (%)"); ax.set_title("organisms: base-circuit DCM heads"); ax.legend(fontsize=8)
     if paper is not None:
         ax2 = axes[0, 1]

@@ -17,11 +17,12 @@ from .data import BoxesBatch, sample_boxes, usable_labels, usable_objects
 from .evaluate import PAPER_ACCURACY, TEST_SEED, bootstrap_ci, predictions
 from .models import progress_disabled
 from .path_patching import paper_asset
+from .results import cached
 from .tracing import attention_layout, get_module
 
 # %% auto #0
 __all__ = ['EDITABLE', 'EDGES', 'PAPER_KNOCKOUT_MODEL', 'block_attention', 'random_earlier', 'edge_positions', 'knockout_curves',
-           'paper_knockout', 'plot_knockout']
+           'stored_knockout', 'paper_knockout', 'plot_knockout']
 
 # %% ../nbs/10_knockout.ipynb #knockout-005
 def _as_edges(edges) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -205,6 +206,13 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
     bar.close()
     return pd.DataFrame(rows)
 
+
+def stored_knockout(models: Mapping[str, tuple], root=None) -> pd.DataFrame:
+    "`knockout_curves` of `models` (name -> `(model, tokenizer)`) at its defaults, through the results store."
+    return cached("knockout_curves", lambda: knockout_curves(dict(models)),
+                  dict(n=500, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES)),
+                  list(models), root)
+
 # %% ../nbs/10_knockout.ipynb #knockout-023
 PAPER_KNOCKOUT_MODEL = "LLaMA-7B (paper)"
 
@@ -247,7 +255,7 @@ def plot_knockout(df: pd.DataFrame, paper: pd.DataFrame | None = None, edges: Se
         ax.set_xlabel("first blocked layer / n_layers", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy", fontsize=8)
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat[:len(edges)]:
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)

@@ -22,9 +22,9 @@ from .tracing import (TraceDict, attention_layout, capture_heads, get_module, me
                                      patch_heads, split_heads)
 
 # %% auto #0
-__all__ = ['GROUPS', 'GROUP_LABELS', 'PATHS', 'Path', 'Circuit', 'paper_asset', 'paper_circuit', 'paper_scores', 'PatchingCache',
-           'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts',
-           'discover_circuit', 'plot_scores']
+__all__ = ['GROUPS', 'GROUP_LABELS', 'GROUP_LETTERS', 'PATHS', 'Path', 'Circuit', 'paper_asset', 'paper_circuit', 'paper_scores',
+           'PatchingCache', 'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads',
+           'discovery_prompts', 'discover_circuit', 'plot_scores']
 
 # %% ../nbs/06_path_patching.ipynb #c2bd6e9b
 GROUPS = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")
@@ -32,6 +32,9 @@ GROUPS = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")
 
 GROUP_LABELS = {"value_fetcher": "A: Value Fetcher", "pos_transmitter": "B: Position Transmitter",
                 "pos_detector": "C: Position Detector", "struct_reader": "D: Structure Reader"}
+
+GROUP_LETTERS = {g: label[0] for g, label in GROUP_LABELS.items()}
+"The paper's letters for the four groups (A, B, C, D)."
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,18 @@ from .circuit import completeness as completeness_of, prune
 from .data import sample_boxes, usable_labels, usable_objects
 from .evaluate import PAPER_ACCURACY, TEST_SEED, accuracy_table, bootstrap_ci, predictions, ratio_ci
 from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model, progress_disabled
-from .path_patching import GROUP_LABELS, GROUPS, Circuit, discover_circuit, discovery_prompts, plot_scores
+from .path_patching import GROUP_LETTERS, GROUPS, Circuit, discover_circuit, discovery_prompts, plot_scores
 from .results import RECOMPUTE_ENV, cached, load_result, results_dir, save_figure
 
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['ROLES', 'SMOLLM2', 'STEPS', 'NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CMAP_GROUPS', 'CLAIMS', 'role_of',
-           'smollm2_available', 'default_models', 'Config', 'Zoo', 'step', 'paired_accuracy', 'step_accuracy',
-           'circuit_table', 'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'step_circuit',
-           'circuit_in_models', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step_dcm', 'step_cmap',
-           'step_knockout', 'step_figures', 'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy',
-           'claim_faithful', 'claim_functions', 'claim_cmap', 'verdict_table', 'reproduce', 'format_verdict', 'main']
+__all__ = ['ROLES', 'SMOLLM2', 'STEPS', 'NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CLAIMS', 'role_of', 'smollm2_available',
+           'default_models', 'Config', 'Zoo', 'step', 'paired_accuracy', 'step_accuracy', 'circuit_table',
+           'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'step_circuit', 'circuit_in_models',
+           'step_table1', 'step_cross_circuit', 'step_completeness', 'step_dcm', 'step_cmap', 'step_knockout',
+           'step_figures', 'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy', 'claim_faithful',
+           'claim_functions', 'claim_cmap', 'verdict_table', 'reproduce', 'format_verdict', 'main']
 
 # %% ../nbs/11_reproduce.ipynb #0a4d0aba
 ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
@@ -352,19 +352,14 @@ def step_cmap(zoo: Zoo, root=None) -> dict:
     "The CMAP chapter's tables: the fine-tunes' head outputs (`cmap_outputs`) and q/k/v inputs (`cmap_inputs`) in the base."
     if not zoo.need("base") or len(zoo.by_role()) < 2 or not zoo.config.heavy:
         return {}
-    from entity_circuits.cmap import cmap_table
+    from entity_circuits.cmap import stored_cmap
     from entity_circuits.dcm import cmap_heads, stored_dcm
     base = zoo.roles["base"]
     circuit = _need_circuit(root)
     heads, _ = cmap_heads(circuit, stored_dcm(base, *zoo.load(base), circuit, root))
     sources = [zoo.roles[r] for r in ("math-lora", "math-full", "chat") if r in zoo.roles]
-    params = dict(base=base, sources=sources, heads_by_group=heads, n=500, n_boxes=7, seed=TEST_SEED,
-                  patches=["output"], full=True, batch_size=100)
-    ab = {g: heads[g] for g in ("pos_transmitter", "value_fetcher")}
-    kinds = ["Q", "K", "V", "QK", "QKV"]
-    return {"cmap_outputs": cached("cmap_outputs", lambda: cmap_table(base, sources, heads), params, [base, *sources], root),
-            "cmap_inputs": cached("cmap_inputs", lambda: cmap_table(base, sources, ab, patches=kinds, full=False),
-                                  params | dict(heads_by_group=ab, patches=kinds, full=False), [base, *sources], root)}
+    return {"cmap_outputs": stored_cmap(base, sources, heads, root=root),
+            "cmap_inputs": stored_cmap(base, sources, heads, inputs=True, root=root)}
 
 
 @step("knockout")
@@ -372,11 +367,8 @@ def step_knockout(zoo: Zoo, root=None) -> dict:
     "The knockout chapter's curves of every role model (`knockout_curves`)."
     if not zoo.by_role() or not zoo.config.heavy:
         return {}
-    from entity_circuits.knockout import EDGES, knockout_curves
-    named = list(zoo.by_role().values())
-    return {"knockout_curves": cached("knockout_curves", lambda: knockout_curves({m: zoo.load(m) for m in named}),
-                                      dict(n=500, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50,
-                                           edges=list(EDGES)), named, root)}
+    from entity_circuits.knockout import stored_knockout
+    return {"knockout_curves": stored_knockout({m: zoo.load(m) for m in zoo.by_role().values()}, root)}
 
 # %% ../nbs/11_reproduce.ipynb #79eaa941
 def _figure_is_current(name: str, table: str, root=None) -> bool:
@@ -547,7 +539,7 @@ def claim_functions(root=None) -> dict:
     row = dict(claim="group functions persist (DCM)", SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="dcm_functionality")
     try:
         from entity_circuits.dcm import PAPER_FIG3
-        row["paper"] = "; ".join(f"{GROUP_LABELS[g][0]} {d}: " + " / ".join(f"{v:.0f}" for v in PAPER_FIG3.loc[(g, d)])
+        row["paper"] = "; ".join(f"{GROUP_LETTERS[g]} {d}: " + " / ".join(f"{v:.0f}" for v in PAPER_FIG3.loc[(g, d)])
                                  for g, d in MAIN_FUNCTION.items()) + " % (LLaMA / Vicuna / Goat / FLoat)"
     except (ImportError, KeyError, AttributeError):
         row["paper"] = "see the DCM chapter"
@@ -562,7 +554,7 @@ def claim_functions(root=None) -> dict:
             continue                    # DCM selected no head of this group in the base: nothing to persist
         sel = t[(t.group == g) & (t.desideratum == d)]
         base = sel[sel.role == "base"].set_index("run").accuracy
-        name = f"{GROUP_LABELS[g][0]} {d}" + ("" if d == MAIN_FUNCTION[g] else f" (not {MAIN_FUNCTION[g]})")
+        name = f"{GROUP_LETTERS[g]} {d}" + ("" if d == MAIN_FUNCTION[g] else f" (not {MAIN_FUNCTION[g]})")
         for role, s in sel[sel.role != "base"].groupby("role", sort=False):
             s = s.set_index("run").accuracy.reindex(base.index)
             lo, hi = ratio_ci(s.values, base.values)
@@ -571,9 +563,6 @@ def claim_functions(root=None) -> dict:
     if not cells:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     return dict(row, organisms="; ".join(cells) + " (fine-tune / base)", verdict=judge(outcomes))
-
-
-CMAP_GROUPS = {"A": "value_fetcher", "B": "pos_transmitter", "C": "pos_detector", "D": "struct_reader"}
 
 
 def _paper_cmap() -> str:
