@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import BoxesBatch, encode, sample_boxes, usable_labels, usable_objects
 from .evaluate import TEST_SEED, bootstrap_ci, predictions
-from .models import progress_disabled
+from .models import load_model, progress_disabled
 from .path_patching import GROUP_LETTERS, GROUPS, PATHS
 from .results import cached
 from .tracing import TraceDict, attention_layout, get_module, split_heads
@@ -338,17 +338,18 @@ PAPER_CMAP_BASE = 0.66
 
 def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapping, n: int = 500, n_boxes: int = 7,
                seed: int = TEST_SEED, patches: Sequence[str] = ("output",), full: bool = True,
-               batch_size: int = 100) -> pd.DataFrame:
+               batch_size: int = 100, load: Callable | None = None) -> pd.DataFrame:
     """Accuracy of model `base_name` with each source's heads patched in, per group (D, C, B, A) and for all groups at
     once (`full`), for each kind of patch ('output', or 'Q', 'K', 'V', 'QK', 'QKV'), on `n` test prompts (sampled as in
     `accuracy_table`), with bootstrap 95% CIs and the paired difference from the base alone; plus reference rows
-    (`group == "alone"`) for the base alone and each source alone. Empty groups get a row with no accuracy."""
-    from entity_circuits.models import load_model
+    (`group == "alone"`) for the base alone and each source alone. Empty groups get a row with no accuracy.
+    `load(name) -> (model, tokenizer)` defaults to `load_model`; pass a cache's loader to reuse loaded models."""
+    load = load_model if load is None else load
     _by_position(heads_by_group)  # a bad group fails before any model is loaded
     for p in patches:
         if p != "output":
             _kinds(p)
-    base, tok = load_model(base_name)
+    base, tok = load(base_name)
     examples = sample_boxes(n, n_boxes, seed=seed, objects=usable_objects(tok), labels=usable_labels(tok))
     base_correct = predictions(base, tok, examples, batch_size, progress=False)
     groups = [(GROUP_LETTERS[g], {g: heads_by_group[g]}) for g in reversed(GROUPS) if g in heads_by_group]
@@ -366,10 +367,10 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
                         delta_ci_high=dhi)
 
     rows = [row(base_name, base_name, "alone", "none", 0, base_correct)]
+    todo = [c for c in configs if c[3]]   # configurations with at least one head to patch
     for name in tqdm(source_names, desc="CMAP sources", disable=progress_disabled(), leave=False):
-        source, _ = load_model(name)
+        source, _ = load(name)
         rows.append(row(name, name, "alone", "none", 0, predictions(source, tok, examples, batch_size, progress=False)))
-        todo = [c for c in configs if c[3]]
         results = cmap_predictions(base, source, tok, examples, [(hbg, patch) for _, hbg, patch, _ in todo], batch_size)
         done = dict(zip([(g, p) for g, _, p, _ in todo], results))
         rows += [row(name, base_name, g, p, k, done.get((g, p))) for g, _, p, k in configs]
@@ -381,17 +382,17 @@ CMAP_INPUT_KINDS = ("Q", "K", "V", "QK", "QKV")
 
 
 def stored_cmap(base: str, sources: Sequence[str], heads_by_group: Mapping, inputs: bool = False,
-                root=None) -> pd.DataFrame:
+                root=None, load: Callable | None = None) -> pd.DataFrame:
     """The chapter's tables through the results store: every group's head outputs patched into `base`
     (`cmap_outputs`, with the full circuit), or with `inputs` the A and B heads' q/k/v inputs (`cmap_inputs`)."""
     sources = list(sources)
     if inputs:
         heads_by_group = {g: heads_by_group[g] for g in ("pos_transmitter", "value_fetcher")}
-    kw = dict(patches=list(CMAP_INPUT_KINDS), full=False) if inputs else dict(patches=["output"], full=True)
-    params = dict(base=base, sources=sources, heads_by_group=heads_by_group, n=500, n_boxes=7, seed=TEST_SEED,
-                  batch_size=100, **kw)
-    return cached("cmap_inputs" if inputs else "cmap_outputs", lambda: cmap_table(base, sources, heads_by_group, **kw),
-                  params, [base, *sources], root)
+    kw = dict(n=500, n_boxes=7, seed=TEST_SEED, batch_size=100)   # what runs is what the key records
+    kw |= dict(patches=list(CMAP_INPUT_KINDS), full=False) if inputs else dict(patches=["output"], full=True)
+    return cached("cmap_inputs" if inputs else "cmap_outputs",
+                  lambda: cmap_table(base, sources, heads_by_group, load=load, **kw),
+                  dict(base=base, sources=sources, heads_by_group=heads_by_group, **kw), [base, *sources], root)
 
 # %% ../nbs/09_cmap.ipynb #0e4118d7
 def plot_cmap(df: pd.DataFrame, paper: pd.DataFrame | None = PAPER_CMAP, paper_base: float = PAPER_CMAP_BASE,

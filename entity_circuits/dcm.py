@@ -27,7 +27,8 @@ __all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'FIG3_SEED', 'PAPER_FIG3', 'FI
            'group_positions', 'source_cache', 'masked_patch', 'DCMData', 'EncodedPairs', 'encode_pairs', 'group_data',
            'dcm_data', 'patched_accuracy', 'train_mask', 'DCMResult', 'dcm_splits', 'dcm', 'dcm_table', 'dcm_summary',
            'stored_dcm', 'selected_heads', 'stored_functionality', 'stored_variants', 'original_position_targets',
-           'functionality', 'plot_functionality', 'variant_text', 'variant_data', 'variant_table', 'cmap_heads']
+           'functionality', 'plot_functionality', 'variant_text', 'UnknownWordError', 'variant_data', 'variant_table',
+           'cmap_heads']
 
 # %% ../nbs/08_dcm.ipynb #c3da3ab9
 def group_positions(batch, group: str) -> torch.Tensor:
@@ -231,8 +232,9 @@ PAPER_DCM = pd.DataFrame(
 
 
 def dcm_table(model, tokenizer, circuit: Circuit, splits, desiderata: Sequence[str] = DESIDERATA,
-              progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
-    "DCM on every non-empty group of `circuit` for every desideratum: a tidy table and the results by (group, desideratum)."
+              progress: bool | None = None, **train_kw) -> tuple[pd.DataFrame, dict]:
+    """DCM on every non-empty group of `circuit` for every desideratum (`train_kw`: `train_mask`'s settings): a tidy
+    table and the results by (group, desideratum)."""
     results, rows = {}, []
     encoded = [encode_pairs(s, tokenizer) for s in splits]
     jobs = [(g, d) for g in GROUPS if circuit[g] for d in desiderata]
@@ -240,7 +242,7 @@ def dcm_table(model, tokenizer, circuit: Circuit, splits, desiderata: Sequence[s
     for g, d in tqdm(jobs, desc="DCM groups", disable=progress_disabled() if progress is None else not progress):
         if g not in data:
             data[g] = [group_data(model, e, circuit[g], g) for e in encoded]
-        r = dcm(model, circuit[g], g, d, tuple(part[d] for part in data[g]), progress=False)
+        r = dcm(model, circuit[g], g, d, tuple(part[d] for part in data[g]), progress=False, **train_kw)
         results[g, d] = r
         rows.append({"group": g, "desideratum": d, "selected": len(r.selected), "size": len(r.heads),
                      "heads": " ".join(f"{l}:{h}" for l, h in r.selected), "test accuracy": r.test_accuracy,
@@ -258,14 +260,21 @@ def dcm_summary(table: pd.DataFrame) -> pd.DataFrame:
 DCM_PARAMS = dict(n_train=1000, n_val=500, n_test=500, n_boxes=7, seed=DCM_SEED, lam=0.01, lr=0.1, epochs=2,
                   batch_size=32, eval_every=4)
 "The DCM settings of every stored table (the paper's, see above)."
+_SPLIT_KEYS = ("n_train", "n_val", "n_test", "n_boxes", "seed")
+
+
+def _stored_settings():
+    "The stored tables' splits and `train_mask` settings, both from `DCM_PARAMS`, so the key is what was run."
+    p = DCM_PARAMS
+    return dcm_splits(*(p[k] for k in _SPLIT_KEYS)), {k: v for k, v in p.items() if k not in _SPLIT_KEYS}
 
 
 def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None) -> pd.DataFrame:
     "`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`)."
-    p = DCM_PARAMS
-    splits = dcm_splits(p["n_train"], p["n_val"], p["n_test"], p["n_boxes"], p["seed"])
-    compute = lambda: dcm_table(model, tokenizer, circuit, splits, progress=False)[0].assign(model=name)
-    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(p, circuit=circuit.to_dict()), [name], root)
+    splits, train = _stored_settings()
+    compute = lambda: dcm_table(model, tokenizer, circuit, splits, progress=False, **train)[0].assign(model=name)
+    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(DCM_PARAMS, circuit=circuit.to_dict()),
+                  [name], root)
 
 
 def selected_heads(table: pd.DataFrame) -> dict:
@@ -276,17 +285,16 @@ def selected_heads(table: pd.DataFrame) -> dict:
 
 def stored_functionality(models: dict, names: Sequence[str], tokenizer, heads: dict, root=None) -> pd.DataFrame:
     "`functionality` (Fig. 3) of `heads` in `models` (role -> model; `names`: their specs) through the store."
-    return cached("dcm_functionality", lambda: functionality(models, tokenizer, heads, progress=False),
-                  dict(heads={f"{g}/{d}": hs for (g, d), hs in heads.items()}, runs=10, n=500, seed=FIG3_SEED),
-                  list(names), root)
+    fig3 = dict(runs=10, n=500, seed=FIG3_SEED)   # Fig. 3's settings: passed and recorded, one dict
+    return cached("dcm_functionality", lambda: functionality(models, tokenizer, heads, progress=False, **fig3),
+                  dict(heads={f"{g}/{d}": hs for (g, d), hs in heads.items()}, **fig3), list(names), root)
 
 
 def stored_variants(name: str, model, tokenizer, heads, root=None) -> pd.DataFrame:
     "`variant_table` of the position-transmitter `heads` of model `name` through the store (`dcm_variants`)."
-    p = DCM_PARAMS
-    splits = dcm_splits(p["n_train"], p["n_val"], p["n_test"], p["n_boxes"], p["seed"])
-    return cached("dcm_variants", lambda: variant_table(model, tokenizer, heads, splits, progress=False),
-                  dict(p, heads=heads), [name], root)
+    splits, train = _stored_settings()
+    return cached("dcm_variants", lambda: variant_table(model, tokenizer, heads, splits, progress=False, **train),
+                  dict(DCM_PARAMS, heads=heads), [name], root)
 
 # %% ../nbs/08_dcm.ipynb #26887184
 def original_position_targets(pairs: Sequence[DesiderataPair], tokenizer, seed: int = 0) -> torch.Tensor:
@@ -418,13 +426,17 @@ def variant_text(pair: DesiderataPair, variant: str, rng: random.Random, extra: 
     return f"{context}. Box {s.query_label} contains the"
 
 # %% ../nbs/08_dcm.ipynb #d7e0f93f
+class UnknownWordError(ValueError):
+    "A text holds a word the tokenizer does not know (its unknown token)."
+
+
 def _encode_texts(tokenizer, texts: Sequence[str]) -> tuple[dict, torch.Tensor]:
     "Left-padded model inputs of `texts` and the last position of each; raises if a word is unknown."
     ids = [tokenizer(t)["input_ids"] for t in texts]
     unk = tokenizer.unk_token_id
     if unk is not None and any(unk in row for row in ids):
         bad = next(t for t, row in zip(texts, ids) if unk in row)
-        raise ValueError(f"the tokenizer does not know a word of: {bad!r}")
+        raise UnknownWordError(f"the tokenizer does not know a word of: {bad!r}")
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
@@ -439,9 +451,9 @@ def variant_data(model, tokenizer, pairs: Sequence[DesiderataPair], variant: str
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}.")
     shift, rng = VARIANTS[variant][1], random.Random(seed)
     keep = [p for p in pairs if p.source.query + shift < p.base.n_boxes and p.source.query + shift != p.base.query]
-    texts = []
+    texts, objects = [], load_objects()
     for p in keep:
-        obj = rng.choice([o for o in load_objects() if o not in p.source.objects + p.base.objects])
+        obj = rng.choice([o for o in objects if o not in p.source.objects + p.base.objects])
         lab = rng.choice([l for l in LABELS if l not in p.source.labels])
         texts.append(variant_text(p, variant, rng, (obj, lab)))
     src_inputs, src_last = _encode_texts(tokenizer, texts)
@@ -453,17 +465,17 @@ def variant_data(model, tokenizer, pairs: Sequence[DesiderataPair], variant: str
 
 
 def variant_table(model, tokenizer, heads, splits, variants: Sequence[str] = tuple(VARIANTS), seed: int = 0,
-                  progress: bool | None = None) -> pd.DataFrame:
+                  progress: bool | None = None, **train_kw) -> pd.DataFrame:
     "DCM on the position-transmitter `heads` for every source variant: heads selected and test accuracy, paper beside."
     rows = []
     for v in tqdm(variants, desc="variants", disable=progress_disabled() if progress is None else not progress):
         row = {"variant": v, "what": VARIANTS[v][0], "paper (LLaMA-7B)": PAPER_VARIANTS[v]}
         try:
             tr, va, te = (variant_data(model, tokenizer, s, v, heads, seed) for s in splits)
-        except ValueError as e:
+        except UnknownWordError as e:   # a variant the tokenizer cannot write (e.g. "not"): reported, not run
             rows.append(row | {"selected": None, "test accuracy": None, "floor": None, "note": str(e)[:60]})
             continue
-        mask, _ = train_mask(model, heads, tr, va, seed=seed, progress=False)
+        mask, _ = train_mask(model, heads, tr, va, seed=seed, progress=False, **train_kw)
         rows.append(row | {"selected": int((mask == 0).sum()), "test accuracy": patched_accuracy(model, heads, te, mask),
                            "floor": patched_accuracy(model, heads, te, torch.ones(len(heads))), "n test": te.n,
                            "note": ""})

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import BoxesBatch, sample_boxes, usable_labels, usable_objects
-from .evaluate import PAPER_ACCURACY, TEST_SEED, bootstrap_ci, predictions
+from .evaluate import TEST_SEED, bootstrap_ci, predictions
 from .models import progress_disabled
 from .path_patching import paper_asset
 from .results import cached
@@ -209,9 +209,8 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
 
 def stored_knockout(models: Mapping[str, tuple], root=None) -> pd.DataFrame:
     "`knockout_curves` of `models` (name -> `(model, tokenizer)`) at its defaults, through the results store."
-    return cached("knockout_curves", lambda: knockout_curves(dict(models)),
-                  dict(n=500, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES)),
-                  list(models), root)
+    kw = dict(n=500, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES))  # run = key
+    return cached("knockout_curves", lambda: knockout_curves(dict(models), **kw), kw, list(models), root)
 
 # %% ../nbs/10_knockout.ipynb #knockout-023
 PAPER_KNOCKOUT_MODEL = "LLaMA-7B (paper)"

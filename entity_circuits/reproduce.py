@@ -358,8 +358,8 @@ def step_cmap(zoo: Zoo, root=None) -> dict:
     circuit = _need_circuit(root)
     heads, _ = cmap_heads(circuit, stored_dcm(base, *zoo.load(base), circuit, root))
     sources = [zoo.roles[r] for r in ("math-lora", "math-full", "chat") if r in zoo.roles]
-    return {"cmap_outputs": stored_cmap(base, sources, heads, root=root),
-            "cmap_inputs": stored_cmap(base, sources, heads, inputs=True, root=root)}
+    return {"cmap_outputs": stored_cmap(base, sources, heads, root=root, load=zoo.load),   # the zoo's models, not reloaded
+            "cmap_inputs": stored_cmap(base, sources, heads, inputs=True, root=root, load=zoo.load)}
 
 
 @step("knockout")
