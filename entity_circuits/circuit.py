@@ -119,7 +119,8 @@ def _stat(**kw) -> dict:
     "A row's value and bootstrap 95% CI from per-prompt outcomes `values=` (or of a ratio: `num=`, `den=`, paired)."
     if "values" in kw:
         v = np.asarray(kw.pop("values"), float)
-        return dict(kw, value=v.mean(), ci_low=bootstrap_ci(v)[0], ci_high=bootstrap_ci(v)[1])
+        lo, hi = bootstrap_ci(v)
+        return dict(kw, value=v.mean(), ci_low=lo, ci_high=hi)
     num, den = np.asarray(kw.pop("num"), float), np.asarray(kw.pop("den"), float)
     lo, hi = ratio_ci(num, den)
     return dict(kw, value=num.mean() / den.mean() if den.mean() else np.nan, ci_low=lo, ci_high=hi)

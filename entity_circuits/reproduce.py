@@ -198,11 +198,15 @@ def circuit_from_table(table: pd.DataFrame, stage: str = "minimal"):
     return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in t.groupby("group")})
 
 
-def find_circuit_stored(zoo: Zoo, role: str, n: int, pool: int, root=None):
+def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | None = None, root=None):
     """`role`'s circuit as in the circuit chapters, each stage a stored table: path patching on `n` correct prompts
     (`path_patching_<role>`: scores of every head, candidates marked), minimality (`minimality_<role>`) and the
-    pruned circuit (`circuit_<role>`: candidates and minimal circuit). Returns the minimal `Circuit`."""
+    pruned circuit (`circuit_<role>`: candidates and minimal circuit). Returns the minimal `Circuit`. `n` and `pool`
+    default to the zoo's `Config`: `n_discovery` / `discovery_pool` for the base, `n_ft_discovery` / `ft_pool` else."""
     cfg, name = zoo.config, zoo.roles[role]
+    base = role == "base"
+    n = (cfg.n_discovery if base else cfg.n_ft_discovery) if n is None else n
+    pool = (cfg.discovery_pool if base else cfg.ft_pool) if pool is None else pool
     model, tok = zoo.load(name)
     pp_params = dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1)
 
@@ -252,7 +256,7 @@ def step_circuit(zoo: Zoo, root=None) -> dict:
     "The base model's circuit: path patching (300 correct prompts), minimality, pruning."
     if not zoo.need("base"):
         return {}
-    find_circuit_stored(zoo, "base", zoo.config.n_discovery, zoo.config.discovery_pool, root)
+    find_circuit_stored(zoo, "base", root=root)
     return {n: load_result(n, root) for n in ("path_patching_base", "minimality_base", "circuit_base")}
 
 # %% ../nbs/11_reproduce.ipynb #3c11bdaa
@@ -294,7 +298,7 @@ def step_cross_circuit(zoo: Zoo, root=None) -> dict:
     cfg, named = zoo.config, list(zoo.by_role().values())
     circuits = {"base": _need_circuit(root)}
     for role in list(zoo.by_role())[1:]:
-        circuits[role] = find_circuit_stored(zoo, role, cfg.n_ft_discovery, cfg.ft_pool, root)
+        circuits[role] = find_circuit_stored(zoo, role, root=root)
     as_dicts = {k: c.to_dict() for k, c in circuits.items()}
     return {
         "cross_circuit": cached(
@@ -333,7 +337,7 @@ def step_dcm(zoo: Zoo, root=None) -> dict:
     if not zoo.need("base") or not zoo.config.heavy:
         return {}
     from entity_circuits.dcm import selected_heads, stored_dcm, stored_functionality, stored_variants
-    cfg, base = zoo.config, zoo.roles["base"]
+    base = zoo.roles["base"]
     model, tok = zoo.load(base)
     circuit = _need_circuit(root)
     out = {"dcm_base": stored_dcm(base, model, tok, circuit, root)}
@@ -342,7 +346,7 @@ def step_dcm(zoo: Zoo, root=None) -> dict:
                                                     selected_heads(out["dcm_base"]), root)
     out["dcm_variants"] = stored_variants(base, model, tok, circuit["pos_transmitter"], root)
     for role in list(zoo.by_role())[1:]:
-        own = find_circuit_stored(zoo, role, cfg.n_ft_discovery, cfg.ft_pool, root)
+        own = find_circuit_stored(zoo, role, root=root)
         out[f"dcm_{role}"] = stored_dcm(zoo.roles[role], models[role], tok, own, root)
     return out
 
