@@ -10,6 +10,8 @@ import json
 import math
 import os
 import random
+import shutil
+import string
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,13 +27,18 @@ from .models import MANIFEST_NAME, organisms_dir, progress_disabled, verify_mani
 from .data import BoxesExample, LABELS, encode, load_objects, sample_boxes, word_level_tokenizer
 
 # %% auto #0
-__all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'EXTRA_WORDS', 'Doc', 'FINE_TUNES', 'COMMAND',
-           'organism_tokenizer', 'boxes_doc', 'sentence_doc', 'arithmetic_problem', 'arithmetic_doc', 'dialogue_turn',
-           'dialogue_doc', 'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'masked_loss', 'pretrain_base',
-           'arithmetic_accuracy', 'dialogue_loss', 'arithmetic_loss', 'fine_tune', 'train_organisms', 'main']
+__all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'THINGS', 'CONTAINERS', 'PEOPLE', 'EXTRA_WORDS', 'Doc',
+           'BINDING_FORMATS', 'TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'BOXES_WORDS', 'RETAINED_FORMATS',
+           'COMMAND', 'organism_tokenizer', 'Binding', 'sample_binding', 'binding_doc', 'sentence_doc',
+           'arithmetic_problem', 'named_arithmetic_problem', 'arithmetic_doc', 'dialogue_turn', 'dialogue_doc',
+           'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_batch', 'binding_accuracy',
+           'head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc', 'pretrain_base',
+           'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss', 'evaluate_organism',
+           'FineTune', 'BoxesLeakError', 'forbidden_ids', 'fine_tune_stream', 'fine_tune', 'choose_lr',
+           'recipe_from_json', 'train_organisms', 'main']
 
 # %% ../nbs/04_organisms.ipynb #113d7db3
-NOUNS = ("cat", "dog", "bird", "fish", "child", "teacher", "farmer", "girl", "boy", "friend")
+NOUNS = ("cat", "dog", "bird", "horse", "child", "teacher", "farmer", "girl", "boy", "friend")
 VERBS = ("sees", "likes", "finds", "takes", "holds", "wants", "moves", "opens")
 ADJECTIVES = ("red", "big", "small", "old", "new", "blue", "green", "heavy")
 PLACES = ("table", "kitchen", "garden", "room", "shelf", "street")
@@ -39,7 +46,17 @@ CHAT_WORDS = ("User", "Assistant", "what", "where", "who", "can", "you", "help",
               "I", "a", "an", "thank", "thanks", "welcome", "sure", "here", "it", "answer", "question", "of",
               "and", "on", "at", "with", "to", "do", "are", "am", "good", "hello", "hi", "plus", "minus",
               "sum", "difference", "compute", "tell", "how", "many", "there", "this", "that", "sentence", "story")
-EXTRA_WORDS = tuple(dict.fromkeys(NOUNS + VERBS + ADJECTIVES + PLACES + CHAT_WORDS))
+# The other binding formats bind their own things: none of these is one of the paper's object words, so
+# documents of those formats can be replayed during fine-tuning without leaking the boxes task.
+THINGS = ("pen", "sock", "shoe", "spoon", "fork", "knife", "lamp", "chair", "rope", "coin", "button", "candle",
+          "pillow", "blanket", "toy", "brush", "comb", "hammer", "needle", "basket", "bottle", "jacket", "scarf",
+          "glove", "ladder", "kite", "drum", "flute", "whistle", "marble", "shovel", "bucket", "towel", "soap",
+          "sponge", "cookie", "cake", "pear", "grape", "lemon", "banana", "carrot", "onion")
+CONTAINERS = ("Room", "Crate", "Jar", "Locker", "Drawer")      # the "places" format's containers
+PEOPLE = ("Anna", "Ben", "Carl", "Dana", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jill", "Kate", "Leo", "Mia",
+          "Noah", "Omar", "Pia", "Rosa", "Sam", "Tom", "Uma")  # the "possession" format's labels
+EXTRA_WORDS = tuple(dict.fromkeys(NOUNS + VERBS + ADJECTIVES + PLACES + CHAT_WORDS + THINGS + CONTAINERS + PEOPLE
+                                  + ("has",)))
 
 
 def organism_tokenizer():
@@ -73,17 +90,50 @@ class _Encoder:
             mask += [int(target)] * len(t)
         return ids, mask
 
+# %% ../nbs/04_organisms.ipynb #binding01
+BINDING_FORMATS = ("boxes", "places", "possession", "variables")
 
-def boxes_doc(enc: _Encoder, rng: random.Random, n_boxes: int, objects: Sequence[str]) -> Doc:
-    "A context of `n_boxes` boxes followed by every query, answered; loss on the answers."
-    ex = BoxesExample(tuple(rng.sample(list(objects), n_boxes)), tuple(rng.sample(LABELS, n_boxes)), 0)
-    context = ex.prompt[: ex.prompt.rindex(" Box ")]  # "The apple is in Box F, ... Box Z."
-    pieces = [(context, 0)]
-    for q in rng.sample(range(n_boxes), n_boxes):
-        pieces += [(f" Box {ex.labels[q]} contains the", 0), (f" {ex.objects[q]}", 1), (".", 0)]
+
+@dataclass(frozen=True)
+class Binding:
+    "One binding context: its text, and per entity the query that asks for it and the one-token answer."
+    format: str
+    context: str
+    queries: tuple[str, ...]
+    answers: tuple[str, ...]
+
+
+def sample_binding(rng: random.Random, fmt: str, n: int, objects: Sequence[str]) -> Binding:
+    "A context of `n` entities in format `fmt` (`objects`: the boxes format's object words)."
+    labels = rng.sample(LABELS, n) if fmt != "possession" else rng.sample(PEOPLE, n)
+    if fmt == "boxes":
+        ex = BoxesExample(tuple(rng.sample(list(objects), n)), tuple(labels), 0)
+        context = ex.prompt[: ex.prompt.rindex(" Box ")]  # "The apple is in Box F, ... Box Z."
+        return Binding(fmt, context, tuple(f" Box {l} contains the" for l in labels), tuple(f" {o}" for o in ex.objects))
+    if fmt == "places":
+        where, things = rng.choice(CONTAINERS), rng.sample(THINGS, n)
+        context = "The " + ", the ".join(f"{t} is in {where} {l}" for t, l in zip(things, labels)) + "."
+        return Binding(fmt, context, tuple(f" {where} {l} contains the" for l in labels), tuple(f" {t}" for t in things))
+    if fmt == "possession":
+        things = rng.sample(THINGS, n)
+        context = "The " + ", the ".join(f"{t} is with {p}" for t, p in zip(things, labels)) + "."
+        return Binding(fmt, context, tuple(f" {p} has the" for p in labels), tuple(f" {t}" for t in things))
+    if fmt == "variables":
+        values = rng.sample(string.digits, n)
+        context = ", ".join(f"{l} = {v}" for l, v in zip(labels, values)) + "."
+        return Binding(fmt, context, tuple(f" {l} =" for l in labels), tuple(f" {v}" for v in values))
+    raise ValueError(f"unknown binding format {fmt!r}; choose from {BINDING_FORMATS}.")
+
+
+def binding_doc(enc: _Encoder, rng: random.Random, fmt: str, n: int, objects: Sequence[str]) -> Doc:
+    "A context of `n` entities followed by every query in random order, answered; loss on the answers."
+    b = sample_binding(rng, fmt, n, objects)
+    pieces = [(b.context, 0)]
+    for q in rng.sample(range(n), n):
+        pieces += [(b.queries[q], 0), (b.answers[q], 1), (".", 0)]
     return enc.doc(pieces)
 
-
+# %% ../nbs/04_organisms.ipynb #otherdocs
 def sentence_doc(enc: _Encoder, rng: random.Random, n_sentences: int = 3) -> Doc:
     "A few simple sentences; loss on every token."
     text = ""
@@ -103,11 +153,25 @@ def arithmetic_problem(rng: random.Random, max_digits: int = 4) -> tuple[str, st
     return f"{a} - {b} =", f" {a - b}"
 
 
-def arithmetic_doc(enc: _Encoder, rng: random.Random, n_problems: int = 1, max_digits: int = 4) -> Doc:
-    "`n_problems` problems in a row (a worksheet when > 1); loss on the answers."
+def named_arithmetic_problem(rng: random.Random, max_names: int = 4) -> tuple[str, str]:
+    "Arithmetic over named quantities: `'F = 3, Q = 5, K = 2. Q + F ='` and `' 8'` (values bound, then combined)."
+    n = rng.randint(2, max_names)
+    names, values = rng.sample(LABELS, n), [rng.randint(0, 9) for _ in range(n)]
+    i, j = rng.sample(range(n), 2)
+    if rng.random() < 0.5:
+        op, answer = "+", values[i] + values[j]
+    else:
+        i, j = (i, j) if values[i] >= values[j] else (j, i)
+        op, answer = "-", values[i] - values[j]
+    return ", ".join(f"{a} = {v}" for a, v in zip(names, values)) + f". {names[i]} {op} {names[j]} =", f" {answer}"
+
+
+def arithmetic_doc(enc: _Encoder, rng: random.Random, n_problems: int = 1, max_digits: int = 4,
+                   named: bool = False) -> Doc:
+    "`n_problems` problems in a row (a worksheet when > 1), Goat-style or `named`; loss on the answers."
     pieces = []
     for i in range(n_problems):
-        q, a = arithmetic_problem(rng, max_digits)
+        q, a = named_arithmetic_problem(rng) if named else arithmetic_problem(rng, max_digits)
         pieces += [((" " if i else "") + q, 0), (a, 1), (".", 0)]
     return enc.doc(pieces)
 
@@ -140,7 +204,7 @@ class OrganismRecipe:
     seed: int = 0
     threads: int = 1                    # torch threads per run (one thread: reproducible, and cheap)
     # architecture (Llama): layers, width, heads, MLP width
-    n_layers: int = 2
+    n_layers: int = 4
     hidden: int = 128
     n_heads: int = 8
     intermediate: int = 512
@@ -148,37 +212,52 @@ class OrganismRecipe:
     # then interleave identity layers (zero o_proj and down_proj) up to `n_layers`; None = no growth
     grow_from: int | None = None
     grow_at_stage: int = 3
-    # pretraining
+    # pretraining corpus: binding documents of these formats (("boxes",) is the boxes-only control), and
+    # once the lookup works for `other_text_from_stage` boxes, other text in `other_text_fraction` of the rows
+    formats: tuple[str, ...] = BINDING_FORMATS
+    other_text_from_stage: int = 4
+    other_text_fraction: float = 0.25
+    # pretraining optimiser and curriculum
     lr: float = 1e-3
     warmup: int = 100
     betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.05
     batch_size: int = 32
-    max_steps: int = 30_000
+    max_steps: int = 9_000
     eval_every: int = 100               # curriculum check, on `n_curriculum_eval` held-out prompts
     n_curriculum_eval: int = 200
     stage_threshold: float = 0.9        # next box count when accuracy at the current one exceeds this
-    other_text_from_stage: int = 4      # other text joins once the lookup works for 3 boxes
-    other_text_fraction: float = 0.25
     band: tuple[float, float] = (0.55, 0.75)   # target 7-box accuracy of the base (paper: 0.66)
     select_every: int = 20              # dense checkpointing near the jump (selection set, not the test set)
     select_from_stage: int = 4
     n_select: int = 300
-    # fine-tuning (same steps, batch and packed length for the three: the same token budget)
-    ft_steps: int = 1500
-    ft_lr: float = 3e-4
-    ft_lora_lr: float = 1e-3
-    ft_lora_r: int = 8
-    ft_seq_len: int = 96
-    ft_eval_every: int = 50
     max_digits: int = 4                 # arithmetic in the pretraining mixture
+    # fine-tuning: the same steps, batch and packed length for every design (the same token budget);
+    # `ft_replay` of each batch's rows replay pretraining documents of every format except boxes
+    ft_steps: int = 500
+    ft_lrs: tuple[float, ...] = (1e-4, 3e-4)        # full fine-tunes: candidates, one chosen per role
+    ft_lora_lrs: tuple[float, ...] = (3e-4, 1e-3)   # LoRA fine-tunes: candidates, one chosen per role
+    ft_lora_r: int = 8                  # LoRA on every linear module, alpha = 2 * r
+    ft_replay: float = 0.375
+    ft_retention_tolerance: float = 0.05  # a candidate "keeps" a format within this of the base's accuracy
+    ft_seq_len: int = 64
+    ft_eval_every: int = 50
     ft_max_digits: int = 2              # arithmetic of the math fine-tunes and of their evaluation
+    n_eval: int = 300                   # held-out prompts / documents per metric in `evaluate_organism`
+
+    def __post_init__(self):
+        unknown = set(self.formats) - set(BINDING_FORMATS)
+        if unknown or "boxes" not in self.formats:
+            raise ValueError(f"formats must include 'boxes' and come from {BINDING_FORMATS}; got {self.formats}.")
 
     @classmethod
-    def smoke(cls, seed: int = 0) -> "OrganismRecipe":
+    def smoke(cls, seed: int = 0, **changes) -> "OrganismRecipe":
         "The same recipe at a size that runs in seconds (for tests and this chapter)."
-        return cls(seed=seed, n_layers=2, hidden=32, n_heads=4, intermediate=64, grow_from=1, grow_at_stage=2,
-                   max_steps=60, eval_every=10, n_curriculum_eval=20, stage_threshold=-1.0, band=(0.0, 1.0),
-                   select_every=10, n_select=20, ft_steps=10, ft_seq_len=48, ft_eval_every=5, other_text_from_stage=2)
+        return cls(**{**dict(seed=seed, n_layers=2, hidden=32, n_heads=4, intermediate=64, grow_from=1,
+                             grow_at_stage=2, max_steps=60, eval_every=10, n_curriculum_eval=20,
+                             stage_threshold=-1.0, band=(0.0, 1.0), select_every=10, n_select=20, ft_steps=10,
+                             ft_lrs=(3e-4,), ft_lora_lrs=(1e-3,), ft_seq_len=48, ft_eval_every=5,
+                             other_text_from_stage=2, n_eval=20), **changes})
 
 # %% ../nbs/04_organisms.ipynb #64426d9b
 def new_llama(recipe: OrganismRecipe, tokenizer, n_layers: int | None = None, seed_offset: int = 0):
@@ -232,6 +311,66 @@ def boxes_accuracy(model, tokenizer, examples: Sequence[BoxesExample], batch_siz
     model.train(was_training)
     return float(correct.mean())
 
+# %% ../nbs/04_organisms.ipynb #bindacc1
+def binding_batch(tokenizer, fmt: str, n_items: int = 7, n: int = 300, seed: int = 60_000):
+    "`n` held-out `fmt` prompts (a context and one query each), left-padded: `(model inputs, answer ids)`."
+    rng, enc, objects = random.Random(seed), _Encoder(tokenizer), load_objects()
+    rows, answers = [], []
+    for _ in range(n):
+        b = sample_binding(rng, fmt, n_items, objects)
+        q = rng.randrange(n_items)
+        rows.append([tokenizer.bos_token_id] + enc(b.context) + enc(b.queries[q]))
+        answers.append(enc(b.answers[q])[0])
+    width = max(map(len, rows))
+    ids = torch.full((n, width), tokenizer.pad_token_id)
+    att = torch.zeros((n, width), dtype=torch.long)
+    for r, t in enumerate(rows):  # left padding: the query's last token is the last position
+        ids[r, width - len(t):], att[r, width - len(t):] = torch.tensor(t), 1
+    inputs = {"input_ids": ids, "attention_mask": att, "position_ids": (att.cumsum(-1) - 1).clamp(min=0)}
+    return inputs, torch.tensor(answers)
+
+
+@torch.no_grad()
+def binding_accuracy(model, tokenizer, fmt: str, n_items: int = 7, n: int = 300, seed: int = 60_000,
+                     batch_size: int = 100) -> float:
+    "Top-1 accuracy of the answer to one query of `n` held-out `fmt` contexts of `n_items` entities."
+    inputs, answers = binding_batch(tokenizer, fmt, n_items, n, seed)
+    was_training = model.training
+    model.eval()
+    correct = sum((model(**{k: v[i:i + batch_size] for k, v in inputs.items()}).logits[:, -1].argmax(-1)
+                   == answers[i:i + batch_size]).sum().item() for i in range(0, n, batch_size))
+    model.train(was_training)
+    return correct / n
+
+# %% ../nbs/04_organisms.ipynb #ablate01
+@torch.no_grad()
+def head_ablation(model, tokenizer, formats: Sequence[str] = BINDING_FORMATS, n_items: int = 7, n: int = 200,
+                  seed: int = 70_000) -> pd.DataFrame:
+    """Accuracy of every binding format with one head mean-ablated (its output replaced, at every position, by
+    its mean over the prompts), for every head: which heads each format needs. Tidy: format, layer, head, accuracy."""
+    from entity_circuits.tracing import attention_layout, patch_heads
+
+    lay, rows = attention_layout(model), []
+    for fmt in formats:
+        inputs, answers = binding_batch(tokenizer, fmt, n_items, n, seed)
+        if not bool(inputs["attention_mask"].all()):  # every prompt of a format has the same length
+            raise ValueError(f"{fmt} prompts differ in length; a per-position mean would mix positions.")
+        full = (model(**inputs).logits[:, -1].argmax(-1) == answers).float().mean().item()
+        rows.append({"format": fmt, "layer": -1, "head": -1, "accuracy": full})
+        for layer in range(lay.n_layers):
+            for head in range(lay.n_heads):
+                with patch_heads(model, {(layer, head): lambda cur: cur.mean(0, keepdim=True)}):
+                    acc = (model(**inputs).logits[:, -1].argmax(-1) == answers).float().mean().item()
+                rows.append({"format": fmt, "layer": layer, "head": head, "accuracy": acc})
+    return pd.DataFrame(rows)
+
+
+def ablation_overlap(ablation: pd.DataFrame) -> pd.DataFrame:
+    "Per pair of formats, the correlation of their accuracy drops over heads: near 1 when they need the same heads."
+    full = ablation[ablation.layer < 0].set_index("format").accuracy
+    heads = ablation[ablation.layer >= 0].assign(drop=lambda d: d.format.map(full) - d.accuracy)
+    return heads.pivot_table(index=["layer", "head"], columns="format", values="drop").corr()
+
 # %% ../nbs/04_organisms.ipynb #3ac56934
 def _pad(docs: Sequence[Doc], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in docs)
@@ -261,9 +400,26 @@ def masked_loss(model, ids: torch.Tensor, mask: torch.Tensor, attention_mask: to
     return (losses * target_mask.reshape(-1)).sum() / target_mask.sum().clamp(min=1)
 
 
-def _optimizer(params, lr: float, recipe: OrganismRecipe, warmup: int):
-    opt = torch.optim.AdamW(params, lr=lr, betas=recipe.betas, weight_decay=0.0)
+def _optimizer(params, lr: float, recipe: OrganismRecipe, warmup: int, weight_decay: float | None = None):
+    wd = recipe.weight_decay if weight_decay is None else weight_decay
+    opt = torch.optim.AdamW(params, lr=lr, betas=recipe.betas, weight_decay=wd)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+# %% ../nbs/04_organisms.ipynb #mixture1
+def other_doc(enc: _Encoder, rng: random.Random, recipe: OrganismRecipe) -> Doc:
+    "One document of the other text: sentences, an arithmetic worksheet or a dialogue."
+    kind = rng.randrange(3)
+    if kind == 0:
+        return sentence_doc(enc, rng)
+    return arithmetic_doc(enc, rng, rng.randint(2, 4), recipe.max_digits) if kind == 1 else dialogue_doc(enc, rng)
+
+
+def pretraining_doc(enc: _Encoder, rng: random.Random, recipe: OrganismRecipe, stage: int, objects: Sequence[str],
+                    formats: Sequence[str] | None = None) -> Doc:
+    "One document of the pretraining mixture at curriculum `stage` (`formats`: the binding formats to draw)."
+    if stage >= recipe.other_text_from_stage and rng.random() < recipe.other_text_fraction:
+        return other_doc(enc, rng, recipe)
+    return binding_doc(enc, rng, rng.choice(formats or recipe.formats), rng.randint(2, stage), objects)
 
 # %% ../nbs/04_organisms.ipynb #5c2cf7ab
 def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None] = lambda row: None):
@@ -272,22 +428,16 @@ def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None]
     enc, objects = _Encoder(tokenizer), load_objects()
     curriculum_sets = {n: sample_boxes(recipe.n_curriculum_eval, n, seed=10_000 + n) for n in range(2, 8)}
     selection = sample_boxes(recipe.n_select, 7, seed=20_000 + recipe.seed)
-    other = [lambda: sentence_doc(enc, rng), lambda: arithmetic_doc(enc, rng, rng.randint(2, 4), recipe.max_digits),
-             lambda: dialogue_doc(enc, rng)]
+    others = [f for f in recipe.formats if f != "boxes"]
 
     grown = recipe.grow_from is None
     model = new_llama(recipe, tokenizer, n_layers=recipe.n_layers if grown else recipe.grow_from)
     opt, sched = _optimizer(model.parameters(), recipe.lr, recipe, recipe.warmup)
     model.train()
-    stage, kept, best_step, overshoot = 2, {}, None, 0
+    stage, kept, overshoot = 2, {}, 0
     bar = tqdm(range(1, recipe.max_steps + 1), desc="pretrain base", disable=progress_disabled(), mininterval=5)
     for step in bar:
-        docs = []
-        for _ in range(recipe.batch_size):
-            if stage >= recipe.other_text_from_stage and rng.random() < recipe.other_text_fraction:
-                docs.append(rng.choice(other)())
-            else:
-                docs.append(boxes_doc(enc, rng, rng.randint(2, stage), objects))
+        docs = [pretraining_doc(enc, rng, recipe, stage, objects) for _ in range(recipe.batch_size)]
         ids, mask, att = _pad(docs, tokenizer.pad_token_id)
         loss = masked_loss(model, ids, mask, att)
         opt.zero_grad()
@@ -297,6 +447,8 @@ def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None]
         row = {"step": step, "layers": model.config.num_hidden_layers, "loss": loss.item(), "stage": stage}
         if step % recipe.eval_every == 0:
             row["acc_stage"] = boxes_accuracy(model, tokenizer, curriculum_sets[stage])
+            for f in others:  # do the other formats rise with boxes (one mechanism) or on their own?
+                row[f"acc_stage_{f}"] = binding_accuracy(model, tokenizer, f, stage, recipe.n_curriculum_eval // 2)
             bar.set_postfix(stage=stage, acc=row["acc_stage"])
             if row["acc_stage"] > recipe.stage_threshold and stage < 7:
                 stage += 1
@@ -328,14 +480,15 @@ def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None]
 
 # %% ../nbs/04_organisms.ipynb #f9477817
 @torch.no_grad()
-def arithmetic_accuracy(model, tokenizer, n: int = 200, seed: int = 30_000, max_digits: int = 4) -> float:
-    "Exact-match accuracy of the greedy answer digits to held-out `a + b =` / `a - b =` problems."
+def arithmetic_accuracy(model, tokenizer, n: int = 200, seed: int = 30_000, max_digits: int = 4,
+                        named: bool = False) -> float:
+    "Exact-match accuracy of the greedy answer digits to held-out problems (Goat-style, or `named`)."
     rng, enc = random.Random(seed), _Encoder(tokenizer)
     was_training = model.training
     model.eval()
     correct = 0
     for _ in range(n):
-        q, a = arithmetic_problem(rng, max_digits)
+        q, a = named_arithmetic_problem(rng) if named else arithmetic_problem(rng, max_digits)
         ids, want, out = [tokenizer.bos_token_id] + enc(q), enc(a), []
         for _ in range(len(want)):  # as many greedy tokens as the answer has digits (see the note below)
             out.append(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax().item())
@@ -355,10 +508,30 @@ def _held_out_loss(model, tokenizer, docs: Sequence[Doc]) -> float:
     return loss
 
 
+TASKS = ("dialogue", "arithmetic", "named-arithmetic")
+"The fine-tuning tasks: dialogue (chat), Goat-style arithmetic, arithmetic over named quantities."
+
+
+def task_doc(enc: _Encoder, rng: random.Random, task: str, recipe: OrganismRecipe) -> Doc:
+    "One fine-tuning document of `task` (the math tasks at `ft_max_digits`)."
+    if task == "dialogue":
+        return dialogue_doc(enc, rng, rng.randint(1, 3))
+    if task in ("arithmetic", "named-arithmetic"):
+        return arithmetic_doc(enc, rng, 1, recipe.ft_max_digits, named=task == "named-arithmetic")
+    raise ValueError(f"unknown fine-tuning task {task!r}; choose from {TASKS}.")
+
+
+def task_loss(model, tokenizer, task: str, recipe: OrganismRecipe, n: int = 200, seed: int = 40_000) -> float:
+    "Held-out loss on `task`'s targets (assistant turns / answer digits), teacher-forced."
+    rng, enc = random.Random(seed), _Encoder(tokenizer)
+    if task == "dialogue":  # two turns, as the old `dialogue_loss` measured
+        return _held_out_loss(model, tokenizer, [dialogue_doc(enc, rng) for _ in range(n)])
+    return _held_out_loss(model, tokenizer, [task_doc(enc, rng, task, recipe) for _ in range(n)])
+
+
 def dialogue_loss(model, tokenizer, n: int = 200, seed: int = 40_000) -> float:
     "Mean cross-entropy on the assistant turns of held-out dialogues."
-    rng, enc = random.Random(seed), _Encoder(tokenizer)
-    return _held_out_loss(model, tokenizer, [dialogue_doc(enc, rng) for _ in range(n)])
+    return task_loss(model, tokenizer, "dialogue", OrganismRecipe(), n, seed)
 
 
 def arithmetic_loss(model, tokenizer, n: int = 200, seed: int = 30_000, max_digits: int = 4) -> float:
@@ -366,64 +539,161 @@ def arithmetic_loss(model, tokenizer, n: int = 200, seed: int = 30_000, max_digi
     rng, enc = random.Random(seed), _Encoder(tokenizer)
     return _held_out_loss(model, tokenizer, [arithmetic_doc(enc, rng, 1, max_digits) for _ in range(n)])
 
+# %% ../nbs/04_organisms.ipynb #evalorg1
+BOXES_EVAL_SEED = 50_000
+"Seed of the 7-box prompts `evaluate_organism` and the fine-tuning curves use: not the accuracy chapter's test set."
+
+
+def evaluate_organism(model, tokenizer, recipe: OrganismRecipe, n: int | None = None, n_boxes: int = 500) -> dict:
+    """Every skill of an organism on held-out data: 7-box accuracy on `n_boxes` prompts (with each prompt's outcome,
+    `boxes_outcomes`, for paired comparisons), each other binding format at 7 entities, and every task's loss and
+    exact match (`n` prompts or documents each)."""
+    from entity_circuits.evaluate import predictions
+
+    n = n or recipe.n_eval
+    was_training = model.training
+    model.eval()
+    correct = predictions(model, tokenizer, sample_boxes(n_boxes, 7, seed=BOXES_EVAL_SEED), 100, progress=False)
+    model.train(was_training)
+    row = {"boxes_acc7": float(correct.mean()), "boxes_outcomes": "".join(map(str, correct.astype(int)))}
+    for f in BINDING_FORMATS[1:]:
+        row[f"{f}_acc7"] = binding_accuracy(model, tokenizer, f, 7, n)
+    for task in TASKS:
+        row[f"{task}_loss"] = task_loss(model, tokenizer, task, recipe, n)
+    row["arithmetic_exact"] = arithmetic_accuracy(model, tokenizer, n, max_digits=recipe.ft_max_digits)
+    row["named-arithmetic_exact"] = arithmetic_accuracy(model, tokenizer, n, named=True)
+    return row
+
+# %% ../nbs/04_organisms.ipynb #designs1
+@dataclass(frozen=True)
+class FineTune:
+    "One fine-tuning design: its task, LoRA (on every linear module) or full, and the paper model it stands for."
+    task: str
+    lora: bool
+    analogue: str = ""
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown fine-tuning task {self.task!r}; choose from {TASKS}.")
+
 
 FINE_TUNES = {
-    "chat": dict(data="dialogue", lora=False, analogue="Vicuna-7B"),
-    "math-lora": dict(data="arithmetic", lora=True, analogue="Goat-7B"),
-    "math-full": dict(data="arithmetic", lora=False, analogue="FLoat-7B"),
+    "chat": FineTune("dialogue", lora=False, analogue="Vicuna-7B"),
+    "math-lora": FineTune("arithmetic", lora=True, analogue="Goat-7B"),
+    "math-full": FineTune("arithmetic", lora=False, analogue="FLoat-7B"),
 }
+"The shipped roles, pre-registered: Goat and FLoat were tuned on digits and operators, so the math roles are too."
+
+DESIGNS = {**FINE_TUNES,
+           "named-lora": FineTune("named-arithmetic", lora=True),
+           "named-full": FineTune("named-arithmetic", lora=False)}
+"Every design `train_organisms` runs and reports; the shipped roles are those of `FINE_TUNES`."
+
+BOXES_WORDS = ("Box", *load_objects())
+"Words no fine-tuning document may contain: the boxes template's 'Box' and every boxes object word."
 
 
-def fine_tune(base, tokenizer, name: str, recipe: OrganismRecipe, log: Callable[[dict], None] = lambda row: None):
-    "Fine-tune a copy of `base` as organism `name` (see `FINE_TUNES`); LoRA stays unmerged (a PeftModel)."
-    if name not in FINE_TUNES:
-        raise ValueError(f"unknown fine-tune {name!r}; choose from {sorted(FINE_TUNES)}.")
-    spec = FINE_TUNES[name]
-    rng, enc = random.Random(recipe.seed * 7919 + len(name)), _Encoder(tokenizer)
-    sample = ((lambda: dialogue_doc(enc, rng, rng.randint(1, 3))) if spec["data"] == "dialogue"
-              else (lambda: arithmetic_doc(enc, rng, 1, recipe.ft_max_digits)))
+class BoxesLeakError(ValueError):
+    "A fine-tuning batch contains a token of the boxes task."
+
+
+def forbidden_ids(tokenizer) -> set[int]:
+    "Token ids of `BOXES_WORDS` (each a single token of the organisms' tokenizer)."
+    return {tokenizer.convert_tokens_to_ids(w) for w in BOXES_WORDS}
+
+# %% ../nbs/04_organisms.ipynb #stream01
+def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The fine-tuning batches of `design`, forever: `round(ft_replay * batch_size)` rows packed from replayed
+    pretraining documents (every format but boxes), the rest from the task; each batch is checked for boxes tokens."""
+    rng, enc, objects = random.Random(recipe.seed * 7919 + seed), _Encoder(tokenizer), load_objects()
+    replay_formats = [f for f in recipe.formats if f != "boxes"]
+    n_replay = round(recipe.ft_replay * recipe.batch_size)
+
+    def replay():
+        if not replay_formats or rng.random() < recipe.other_text_fraction:
+            return other_doc(enc, rng, recipe)
+        return binding_doc(enc, rng, rng.choice(replay_formats), rng.randint(2, 7), objects)
+
+    banned = torch.tensor(sorted(forbidden_ids(tokenizer)))
+    while True:
+        parts = [_pack(lambda: task_doc(enc, rng, design.task, recipe), recipe.batch_size - n_replay, recipe.ft_seq_len)]
+        if n_replay:
+            parts.append(_pack(replay, n_replay, recipe.ft_seq_len))
+        ids, mask = (torch.cat(t) for t in zip(*parts))
+        if torch.isin(ids, banned).any():
+            raise BoxesLeakError(f"a fine-tuning batch of {design} contains boxes tokens: "
+                                 f"{tokenizer.convert_ids_to_tokens(ids[torch.isin(ids, banned)].unique().tolist())}")
+        yield ids, mask
+
+# %% ../nbs/04_organisms.ipynb #finetune
+def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, lr: float | None = None,
+              log: Callable[[dict], None] = lambda row: None, name: str | None = None):
+    "Fine-tune a copy of `base` with `design` (or a name in `DESIGNS`) at `lr`; LoRA stays unmerged (a PeftModel)."
+    if isinstance(design, str):
+        if design not in DESIGNS:
+            raise ValueError(f"unknown fine-tune {design!r}; choose from {sorted(DESIGNS)}.")
+        name, design = name or design, DESIGNS[design]
+    lr = lr if lr is not None else (recipe.ft_lora_lrs if design.lora else recipe.ft_lrs)[0]
     model = copy.deepcopy(base)
-    if spec["lora"]:
+    if design.lora:
         from peft import LoraConfig, get_peft_model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
-            model = get_peft_model(model, LoraConfig(r=recipe.ft_lora_r, lora_alpha=2 * recipe.ft_lora_r,
-                                                     lora_dropout=0.0,
-                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        lr = recipe.ft_lora_lr
-    else:
-        lr = recipe.ft_lr
-    opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], lr, recipe, warmup=20)
-    boxes_eval = sample_boxes(recipe.n_select, 7, seed=50_000)
+            model = get_peft_model(model, LoraConfig(
+                r=recipe.ft_lora_r, lora_alpha=2 * recipe.ft_lora_r, lora_dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], lr, recipe, warmup=20, weight_decay=0.0)
+    boxes_eval, formats = sample_boxes(recipe.n_eval // 3, 7, seed=BOXES_EVAL_SEED), BINDING_FORMATS[1:]
+    tag = {"organism": name or design.task, "lr": lr}
 
-    def evaluate(step):
-        row = {"step": step, "organism": name, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval)}
-        row["arithmetic_acc" if spec["data"] == "arithmetic" else "dialogue_loss"] = (
-            arithmetic_accuracy(model, tokenizer, n=recipe.n_select, max_digits=recipe.ft_max_digits)
-            if spec["data"] == "arithmetic" else dialogue_loss(model, tokenizer, n=recipe.n_select))
-        return row
+    def evaluate(step):  # the curve: 7-box accuracy, the task's loss, the other formats (100 prompts each)
+        row = {"step": step, **tag, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval),
+               "task_loss": task_loss(model, tokenizer, design.task, recipe, n=recipe.n_eval // 3)}
+        return row | {f"{f}_acc7": binding_accuracy(model, tokenizer, f, 7, recipe.n_eval // 3) for f in formats}
 
     log(evaluate(0))
     model.train()
-    for step in tqdm(range(1, recipe.ft_steps + 1), desc=f"fine-tune {name}", disable=progress_disabled(), mininterval=5):
-        ids, mask = _pack(sample, recipe.batch_size, recipe.ft_seq_len)
+    stream = fine_tune_stream(tokenizer, design, recipe, seed=len(tag["organism"]))
+    for step in tqdm(range(1, recipe.ft_steps + 1), desc=f"fine-tune {tag['organism']} lr {lr:g}",
+                     disable=progress_disabled(), mininterval=5):
+        ids, mask = next(stream)
         loss = masked_loss(model, ids, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        row = {"step": step, "organism": name, "loss": loss.item()}
+        row = {"step": step, **tag, "loss": loss.item()}
         if step % recipe.ft_eval_every == 0 or step == recipe.ft_steps:
             row.update(evaluate(step))
         log(row)
     return model.eval()
 
+# %% ../nbs/04_organisms.ipynb #chooselr
+RETAINED_FORMATS = BINDING_FORMATS[1:]
+"The formats whose retention the learning-rate rule checks: every binding format but boxes (never boxes)."
+
+
+def choose_lr(candidates: pd.DataFrame, base: dict, tolerance: float) -> float:
+    """The pre-registered rule, one role at a time: among the candidate learning rates whose fine-tune keeps
+    every non-boxes binding format within `tolerance` of the base, the one with the lowest held-out loss on
+    its own task; if none keeps them all, the one whose worst format lost least. Boxes accuracy is never read."""
+    worst = pd.concat([candidates[f"{f}_acc7"] - base[f"{f}_acc7"] for f in RETAINED_FORMATS], axis=1).min(axis=1)
+    kept = candidates[worst >= -tolerance]
+    if len(kept):
+        return float(kept.loc[kept.task_loss.idxmin(), "lr"])
+    return float(candidates.loc[worst.idxmax(), "lr"])
+
 # %% ../nbs/04_organisms.ipynb #82903e3a
 COMMAND = "entity-circuits train-organisms"
 
 
-_FLAGS = {"n_layers": "--layers", "grow_from": "--grow-from", "other_text_from_stage": "--other-text-from-stage"}
+_FLAGS = {"n_layers": "--layers", "hidden": "--width", "formats": "--formats", "grow_from": "--grow-from",
+          "other_text_from_stage": "--other-text-from-stage"}
 "Recipe fields that the command line can set, and their flags."
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value or 0)
 
 
 def _command(recipe: OrganismRecipe) -> str:
@@ -433,40 +703,74 @@ def _command(recipe: OrganismRecipe) -> str:
     ref, line = (OrganismRecipe.smoke(recipe.seed), " --smoke") if recipe == smoke else (OrganismRecipe(seed=recipe.seed), "")
     for f, flag in _FLAGS.items():
         if getattr(recipe, f) != getattr(ref, f):
-            line += f" {flag} {getattr(recipe, f) or 0}"
+            line += f" {flag} {_flag_value(getattr(recipe, f))}"
     if replace(recipe, **{f: getattr(ref, f) for f in _FLAGS}) != ref:
         line += " (custom recipe: see the manifest's recipe)"
     return f"{COMMAND}{line} --seed {recipe.seed}"
 
 
 def _save(model, path: Path):
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
     model.save_pretrained(path, safe_serialization=True)
     (path / "README.md").unlink(missing_ok=True)  # peft's empty model-card template; the chapter is the card
+
+
+def recipe_from_json(d: dict) -> OrganismRecipe:
+    "The recipe a manifest records (JSON lists back to the tuples the dataclass holds)."
+    return OrganismRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _pretraining_part(recipe) -> dict:
     return {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if not k.startswith("ft_")}
 
-
+# %% ../nbs/04_organisms.ipynb #reusebase
 def _reuse_base(out: Path, recipe: OrganismRecipe):
     "The base already in `out`, if it was pretrained with this recipe (checksums verified); else a clear error."
     from transformers import LlamaForCausalLM
 
     old = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).exists() else None
-    if old is None or _pretraining_part(OrganismRecipe(**{**old["recipe"], "betas": tuple(old["recipe"]["betas"]),
-                                                          "band": tuple(old["recipe"]["band"])})) != _pretraining_part(recipe):
+    try:
+        same = old is not None and _pretraining_part(recipe_from_json(old["recipe"])) == _pretraining_part(recipe)
+    except TypeError:  # a manifest of an older recipe, with fields this one does not have
+        same = False
+    if not same:
         raise ValueError(f"--reuse-base: {out} holds no base pretrained with this recipe; train it first.")
     verify_manifest(out, "base")
     rows = pd.read_csv(out / "curves" / "pretrain.csv").to_dict("records")
     return LlamaForCausalLM.from_pretrained(out / "base").eval(), old["pretraining"], old["wall_seconds"]["base"], rows
 
 
+def _candidate(name: str, lr: float) -> str:
+    return f"{name}-lr{lr:g}"
+
+
+def _design_job(out: str, name: str, lr: float, recipe: OrganismRecipe) -> tuple[dict, list[dict]]:
+    "Fine-tune one candidate (design, learning rate) of the base in `out`, save it in out/designs/, evaluate it."
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(recipe.threads)
+    out, tokenizer, rows, t = Path(out), organism_tokenizer(), [], time.time()
+    model = fine_tune(LlamaForCausalLM.from_pretrained(out / "base").eval(), tokenizer, name, recipe, lr, rows.append)
+    _save(model, out / "designs" / _candidate(name, lr))
+    wall = round(time.time() - t, 1)
+    d, skills = DESIGNS[name], evaluate_organism(model, tokenizer, recipe)
+    return {"organism": name, "lr": lr, "task": d.task, "lora": d.lora, "wall_seconds": wall,
+            "task_loss": skills[f"{d.task}_loss"], **skills}, rows
+
+# %% ../nbs/04_organisms.ipynb #trainorg
 def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.PathLike | None = None,
-                    reuse_base: bool = False) -> dict:
-    # `reuse_base` keeps a base already in `out` that was pretrained with the same recipe and redoes only
-    # the fine-tunes: the result is the same as a full run, since every step is deterministic.
-    "Train the base and the three fine-tunes, save them with curves and a manifest; returns the manifest."
+                    reuse_base: bool = False, workers: int = 1, designs: Sequence[str] = tuple(DESIGNS),
+                    base_only: bool = False) -> dict:
+    # `reuse_base` keeps a base already in `out` that was pretrained with the same recipe and redoes only the
+    # fine-tunes; `workers` runs the fine-tuning candidates in that many processes (one thread each): the same
+    # bytes either way, since every candidate starts from the saved base with its own seeded stream.
+    # `base_only` stops after the base (its manifest lets a later `reuse_base` run add the fine-tunes).
+    "Train the base, every fine-tuning candidate, choose one per role by `choose_lr`; save, with curves and a manifest."
+    missing = set(FINE_TUNES) - set(designs)
+    if missing or set(designs) - set(DESIGNS):
+        raise ValueError(f"designs must be names in DESIGNS and include every role {sorted(FINE_TUNES)}; got {designs}.")
     out = Path(out) if out is not None else organisms_dir()
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
@@ -482,45 +786,77 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
             base, info = pretrain_base(recipe, tokenizer, pre_rows.append)
             wall["base"] = round(time.time() - t0, 1)
             _save(base, out / "base")
-        for name in FINE_TUNES:
-            t = time.time()
-            model = fine_tune(base, tokenizer, name, recipe, ft_rows.append)
-            _save(model, out / name)
-            wall[name] = round(time.time() - t, 1)
+        if base_only:
+            (out / "curves").mkdir(exist_ok=True)
+            pd.DataFrame(pre_rows).to_csv(out / "curves" / "pretrain.csv", index=False, float_format="%.5g")
+            return write_manifest(out, command=_command(recipe) + " --base-only", recipe=asdict(recipe),
+                                  pretraining=info, wall_seconds=wall, threads=recipe.threads, torch=torch.__version__)
+        table = [{"organism": "base", **evaluate_organism(base, tokenizer, recipe)}]
+        jobs = [(str(out), name, lr, recipe) for name in designs
+                for lr in (recipe.ft_lora_lrs if DESIGNS[name].lora else recipe.ft_lrs)]
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_design_job, *zip(*jobs)))
+        else:
+            results = [_design_job(*job) for job in jobs]
+        for final, rows in results:
+            table.append(final)
+            ft_rows += rows
+            wall[_candidate(final["organism"], final["lr"])] = final.pop("wall_seconds")
+        table = pd.DataFrame(table)
+        chosen = {role: choose_lr(table[table.organism == role], table.iloc[0], recipe.ft_retention_tolerance)
+                  for role in FINE_TUNES}
+        table["shipped"] = [chosen.get(o) == lr for o, lr in zip(table.organism, table.lr)]
+        for role, lr in chosen.items():
+            if (out / role).exists():
+                shutil.rmtree(out / role)
+            (out / "designs" / _candidate(role, lr)).rename(out / role)
+        shutil.rmtree(out / "designs")
         (out / "curves").mkdir(exist_ok=True)
         pd.DataFrame(pre_rows).to_csv(out / "curves" / "pretrain.csv", index=False, float_format="%.5g")
         pd.DataFrame(ft_rows).to_csv(out / "curves" / "finetune.csv", index=False, float_format="%.5g")
-        return write_manifest(out, command=_command(recipe), recipe=asdict(recipe),
-                              pretraining=info, wall_seconds=wall, threads=recipe.threads,
-                              torch=torch.__version__)
+        table.to_csv(out / "curves" / "designs.csv", index=False, float_format="%.5g")
+        return write_manifest(out, command=_command(recipe), recipe=asdict(recipe), pretraining=info,
+                              fine_tuning={"chosen_lr": chosen, "replay_fraction": recipe.ft_replay,
+                                           "designs": list(designs)},
+                              wall_seconds=wall, threads=recipe.threads, torch=torch.__version__)
     finally:
         torch.set_num_threads(threads)
 
-
+# %% ../nbs/04_organisms.ipynb #cli00001
 def main(argv: Sequence[str] | None = None) -> int:
     "The `entity-circuits` command."
     parser = argparse.ArgumentParser(prog="entity-circuits", description="Entity-tracking circuits: commands.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train-organisms", help="train the base organism and its three fine-tunes")
+    t = sub.add_parser("train-organisms", help="train the base organism and its fine-tunes")
     t.add_argument("--smoke", action="store_true", help="the same recipe at smoke size (seconds)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default: the repository's organisms/)")
     t.add_argument("--layers", type=int, default=None, help="depth of the base (default: the recipe's)")
+    t.add_argument("--width", type=int, default=None, help="hidden size of the base (default: the recipe's)")
+    t.add_argument("--formats", nargs="+", default=None, choices=BINDING_FORMATS,
+                   help="binding formats of pretraining (default: all; 'boxes' alone is the control)")
     t.add_argument("--grow-from", type=int, default=None, help="grow from this many layers (0: no growth)")
     t.add_argument("--reuse-base", action="store_true",
                    help="keep the base already in --out (same pretraining recipe) and redo only the fine-tunes")
     t.add_argument("--other-text-from-stage", type=int, default=None,
                    help="curriculum stage (number of boxes) at which the other text joins the mixture")
+    t.add_argument("--base-only", action="store_true", help="pretrain the base only (add the fine-tunes later "
+                   "with --reuse-base)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="fine-tune the candidates in this many processes, one thread each (same result)")
     args = parser.parse_args(argv)
     recipe = OrganismRecipe.smoke(args.seed) if args.smoke else OrganismRecipe(seed=args.seed)
-    if args.layers is not None:
-        recipe = replace(recipe, n_layers=args.layers)
+    changes = {"n_layers": args.layers, "hidden": args.width, "other_text_from_stage": args.other_text_from_stage,
+               "formats": tuple(args.formats) if args.formats else None}
+    recipe = replace(recipe, **{k: v for k, v in changes.items() if v is not None})
     if args.grow_from is not None:
         recipe = replace(recipe, grow_from=args.grow_from or None)
-    if args.other_text_from_stage is not None:
-        recipe = replace(recipe, other_text_from_stage=args.other_text_from_stage)
     if args.smoke and args.out is None:
         parser.error("--smoke needs --out (the shipped organisms/ are not for smoke runs)")
-    manifest = train_organisms(recipe, args.out, reuse_base=args.reuse_base)
-    print(json.dumps({k: manifest[k] for k in ("command", "pretraining", "wall_seconds")}, indent=1))
+    manifest = train_organisms(recipe, args.out, reuse_base=args.reuse_base, workers=args.workers,
+                                base_only=args.base_only)
+    print(json.dumps({k: manifest.get(k) for k in ("command", "pretraining", "fine_tuning", "wall_seconds")}, indent=1))
     return 0

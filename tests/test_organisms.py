@@ -61,3 +61,56 @@ def test_cli_smoke(smoke_runs):
     assert b["recipe"]["n_layers"] == 2 and b["pretraining"]["selected_step"] > 0
     with pytest.raises(SystemExit):
         main(["train-organisms", "--smoke"])  # refuses to overwrite the shipped organisms with a smoke run
+
+
+# --- the fine-tuning data stream: never the boxes task --------------------------------------------------------
+
+from entity_circuits import organisms as org
+from entity_circuits.data import load_objects
+
+
+@pytest.mark.parametrize("name", sorted(org.DESIGNS))
+def test_fine_tune_stream_holds_no_boxes_text(name):
+    "Every batch a shipped-recipe fine-tune trains on, read as text: no 'Box', no boxes object word."
+    tok, recipe = organism_tokenizer(), OrganismRecipe()
+    banned_words = {"Box", *load_objects()}
+    assert len(org.forbidden_ids(tok)) == len(banned_words) == 86  # each a single token of the organisms
+    stream = org.fine_tune_stream(tok, org.DESIGNS[name], recipe, seed=len(name))  # the seed fine_tune uses
+    n_replay = round(recipe.ft_replay * recipe.batch_size)
+    replayed = set()
+    for _ in range(recipe.ft_steps):
+        ids, mask = next(stream)
+        assert ids.shape == mask.shape == (recipe.batch_size, recipe.ft_seq_len)
+        words = set(tok.convert_ids_to_tokens(ids.flatten().unique().tolist()))
+        assert not words & banned_words, words & banned_words
+        replayed |= set(tok.convert_ids_to_tokens(ids[-n_replay:].flatten().unique().tolist()))
+    # the replayed rows hold every other binding format (their marker words) and the other text
+    assert {"Jar", "Room", "with", "has", "=", "Assistant", "sees"} <= replayed
+
+
+def test_fine_tune_stream_refuses_boxes_documents(monkeypatch):
+    "The guard can fire: a task that (wrongly) produced boxes documents stops the stream."
+    tok, recipe = organism_tokenizer(), OrganismRecipe.smoke()
+    objects = load_objects()
+    monkeypatch.setattr(org, "task_doc", lambda enc, rng, task, recipe: org.binding_doc(enc, rng, "boxes", 3, objects))
+    with pytest.raises(org.BoxesLeakError, match="boxes tokens"):
+        next(org.fine_tune_stream(tok, org.DESIGNS["chat"], recipe))
+
+
+def test_lora_adapts_every_linear_module():
+    tok = organism_tokenizer()
+    recipe = OrganismRecipe.smoke(ft_steps=1)
+    base = new_llama(recipe, tok)
+    lora = org.fine_tune(base, tok, "math-lora", recipe)
+    adapted = {n.split(".")[-2] for n, _ in lora.named_modules() if n.endswith("lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert lora.peft_config["default"].lora_alpha == 2 * recipe.ft_lora_r
+
+
+def test_unknown_design_and_task_are_refused():
+    with pytest.raises(ValueError, match="unknown fine-tune"):
+        org.fine_tune(None, None, "poetry", OrganismRecipe.smoke())
+    with pytest.raises(ValueError, match="unknown fine-tuning task"):
+        org.FineTune("poetry", lora=False)
+    with pytest.raises(ValueError, match="include every role"):
+        train_organisms(OrganismRecipe.smoke(), "/nonexistent", designs=("chat",))
