@@ -11,7 +11,7 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_llama(n_layers=2, n_heads=4, n_kv_heads=2, hidden=32, vocab=50, seed=1).eval()
+    return tiny_llama(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=50, seed=1).eval()
 
 
 def _ids(seed, n=4, t=7):
@@ -60,7 +60,7 @@ def test_half_mask_interpolates(tiny):
 
 
 def test_dcm_selects_the_planted_head():
-    toy = tiny_llama(n_layers=2, n_heads=4, n_kv_heads=4, hidden=32, vocab=50, seed=3).eval()
+    toy = tiny_llama(n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, vocab_size=50, seed=3).eval()
     with torch.no_grad():
         toy.model.layers[1].self_attn.o_proj.weight[:, 8:16] *= 30     # head 1 of layer 1 dominates the logits
     g = torch.Generator().manual_seed(5)

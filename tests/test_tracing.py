@@ -185,3 +185,14 @@ def test_errors_speak_to_the_user(ids):
         capture_heads(model, ids, "x")
     with pytest.raises(TypeError, match="Llama-family"):
         attention_layout(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_tiny_llama_refuses_keywords_that_would_set_nothing():
+    # LlamaConfig keeps any unknown keyword as an attribute nothing reads: `hidden=` / `vocab=` used to build the default model
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) 'hidden'.*'vocab' \(did you mean 'vocab_size'\?\)"):
+        tiny_llama(hidden=32, vocab=50)
+    with pytest.raises(TypeError, match="'hidden_size' \\(n_heads \\* head_dim\\)"):
+        tiny_llama(hidden_size=32)                                      # set by tiny_llama from its own arguments
+    model = tiny_llama(vocab_size=50, attn_implementation="eager", rms_norm_eps=1e-5)   # real LlamaConfig keywords pass
+    assert model.config.vocab_size == 50 and model.config._attn_implementation == "eager"
+    assert model.config.rms_norm_eps == 1e-5
