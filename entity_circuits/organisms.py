@@ -12,8 +12,10 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import string
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -694,7 +696,7 @@ COMMAND = "entity-circuits train-organisms"
 
 _FLAGS = {"n_layers": "--layers", "hidden": "--width", "formats": "--formats",
           "formats_from_stage": "--formats-from-stage", "grow_from": "--grow-from", "grow_at_stage": "--grow-at-stage",
-          "other_text_from_stage": "--other-text-from-stage"}
+          "other_text_from_stage": "--other-text-from-stage", "max_steps": "--max-steps"}
 "Recipe fields that the command line can set, and their flags."
 
 
@@ -745,7 +747,8 @@ def _reuse_base(out: Path, recipe: OrganismRecipe):
         raise ValueError(f"--reuse-base: {out} holds no base pretrained with this recipe; train it first.")
     verify_manifest(out, "base")
     rows = pd.read_csv(out / "curves" / "pretrain.csv").to_dict("records")
-    return LlamaForCausalLM.from_pretrained(out / "base").eval(), old["pretraining"], old["wall_seconds"]["base"], rows
+    base = LlamaForCausalLM.from_pretrained(out / "base").eval()
+    return base, old["pretraining"], old["wall_seconds"]["base"], rows, old.get("invocations", [old["command"]])
 
 
 def _candidate(name: str, lr: float) -> str:
@@ -768,11 +771,12 @@ def _design_job(out: str, name: str, lr: float, recipe: OrganismRecipe) -> tuple
 # %% ../nbs/04_organisms.ipynb #trainorg
 def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.PathLike | None = None,
                     reuse_base: bool = False, workers: int = 1, designs: Sequence[str] = tuple(DESIGNS),
-                    base_only: bool = False) -> dict:
+                    base_only: bool = False, invocation: str | None = None) -> dict:
     # `reuse_base` keeps a base already in `out` that was pretrained with the same recipe and redoes only the
     # fine-tunes; `workers` runs the fine-tuning candidates in that many processes (one thread each): the same
     # bytes either way, since every candidate starts from the saved base with its own seeded stream.
     # `base_only` stops after the base (its manifest lets a later `reuse_base` run add the fine-tunes).
+    # `invocation` (the command line, when run as a command) is appended to the manifest's `invocations`.
     "Train the base, every fine-tuning candidate, choose one per role by `choose_lr`; save, with curves and a manifest."
     missing = set(FINE_TUNES) - set(designs)
     if missing or set(designs) - set(DESIGNS):
@@ -785,17 +789,18 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
         tokenizer = organism_tokenizer()
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(out / "tokenizer")
-        pre_rows, ft_rows, wall = [], [], {}
+        pre_rows, ft_rows, wall, invocations = [], [], {}, []
         if reuse_base:
-            base, info, wall["base"], pre_rows = _reuse_base(out, recipe)
+            base, info, wall["base"], pre_rows, invocations = _reuse_base(out, recipe)
         else:
             base, info = pretrain_base(recipe, tokenizer, pre_rows.append)
             wall["base"] = round(time.time() - t0, 1)
             _save(base, out / "base")
+        invocations = invocations + [invocation or f"train_organisms(reuse_base={reuse_base}, base_only={base_only})"]
         if base_only:
             (out / "curves").mkdir(exist_ok=True)
             pd.DataFrame(pre_rows).to_csv(out / "curves" / "pretrain.csv", index=False, float_format="%.5g")
-            return write_manifest(out, command=_command(recipe) + " --base-only", recipe=asdict(recipe),
+            return write_manifest(out, command=_command(recipe), invocations=invocations, recipe=asdict(recipe),
                                   pretraining=info, wall_seconds=wall, threads=recipe.threads, torch=torch.__version__)
         table = [{"organism": "base", **evaluate_organism(base, tokenizer, recipe)}]
         jobs = [(str(out), name, lr, recipe) for name in designs
@@ -824,7 +829,7 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
         pd.DataFrame(pre_rows).to_csv(out / "curves" / "pretrain.csv", index=False, float_format="%.5g")
         pd.DataFrame(ft_rows).to_csv(out / "curves" / "finetune.csv", index=False, float_format="%.5g")
         table.to_csv(out / "curves" / "designs.csv", index=False, float_format="%.5g")
-        return write_manifest(out, command=_command(recipe), recipe=asdict(recipe), pretraining=info,
+        return write_manifest(out, command=_command(recipe), invocations=invocations, recipe=asdict(recipe), pretraining=info,
                               fine_tuning={"chosen_lr": chosen, "replay_fraction": recipe.ft_replay,
                                            "designs": list(designs)},
                               wall_seconds=wall, threads=recipe.threads, torch=torch.__version__)
@@ -848,6 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="curriculum stage at which the formats other than boxes join (2: from the start)")
     t.add_argument("--grow-from", type=int, default=None, help="grow from this many layers (0: no growth)")
     t.add_argument("--grow-at-stage", type=int, default=None, help="curriculum stage at which the model grows")
+    t.add_argument("--max-steps", type=int, default=None, help="most pretraining steps before giving up")
     t.add_argument("--reuse-base", action="store_true",
                    help="keep the base already in --out (same pretraining recipe) and redo only the fine-tunes")
     t.add_argument("--other-text-from-stage", type=int, default=None,
@@ -856,17 +862,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "with --reuse-base)")
     t.add_argument("--workers", type=int, default=1,
                    help="fine-tune the candidates in this many processes, one thread each (same result)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     recipe = OrganismRecipe.smoke(args.seed) if args.smoke else OrganismRecipe(seed=args.seed)
     changes = {"n_layers": args.layers, "hidden": args.width, "other_text_from_stage": args.other_text_from_stage,
                "formats": tuple(args.formats) if args.formats else None, "formats_from_stage": args.formats_from_stage,
-               "grow_at_stage": args.grow_at_stage}
+               "grow_at_stage": args.grow_at_stage, "max_steps": args.max_steps}
     recipe = replace(recipe, **{k: v for k, v in changes.items() if v is not None})
     if args.grow_from is not None:
         recipe = replace(recipe, grow_from=args.grow_from or None)
     if args.smoke and args.out is None:
         parser.error("--smoke needs --out (the shipped organisms/ are not for smoke runs)")
     manifest = train_organisms(recipe, args.out, reuse_base=args.reuse_base, workers=args.workers,
-                                base_only=args.base_only)
+                                base_only=args.base_only, invocation=shlex.join(["entity-circuits", *argv]))
     print(json.dumps({k: manifest.get(k) for k in ("command", "pretraining", "fine_tuning", "wall_seconds")}, indent=1))
     return 0
