@@ -26,5 +26,5 @@ setuptools.setup(
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     zip_safe=False,
-    entry_points={"console_scripts": ["entity-circuits = entity_circuits.reproduce:main"]},
+    entry_points={"console_scripts": cfg.get("console_scripts", "").split()},
 )

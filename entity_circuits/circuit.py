@@ -17,11 +17,15 @@ from .data import BoxesExample, encode, sample_boxes
 from .evaluate import bootstrap_ci, predictions, ratio_ci
 from .models import progress_disabled
 from .path_patching import GROUPS, Circuit, discover_circuit, discovery_prompts
+from .results import cached, load_result, results_dir
 from .tracing import attention_layout, capture_heads, patch_heads
+from .zoo import TEST_SEED, Zoo
 
 # %% auto #0
 __all__ = ['MEANS_SEED', 'POSITIONS', 'PAPER_TABLE1', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
-           'evaluate_circuit', 'minimality', 'prune', 'overlap', 'completeness', 'attention_pattern', 'plot_circuit']
+           'evaluate_circuit', 'zoo_means', 'minimality', 'prune', 'circuit_table', 'circuit_from_table',
+           'find_circuit_stored', 'stored_circuit', 'need_circuit', 'circuit_in_models', 'stored_table1', 'overlap',
+           'stored_cross_circuit', 'completeness', 'stored_completeness', 'attention_pattern', 'plot_circuit']
 
 # %% ../nbs/07_circuit.ipynb #d6608934
 MEANS_SEED = 123_456
@@ -152,6 +156,11 @@ def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_ra
                 rows.append(_stat(**key, context=context, metric="random", values=rand))
     return pd.DataFrame(rows)
 
+# %% ../nbs/07_circuit.ipynb #zoomean1
+def zoo_means(zoo: Zoo, name: str) -> torch.Tensor:
+    "`head_means` of a zoo's model (`Config.n_means` prompts, seed `MEANS_SEED`), computed once per zoo."
+    return zoo.memo(("head_means", name), lambda: head_means(*zoo.load(name), n=zoo.config.n_means))
+
 # %% ../nbs/07_circuit.ipynb #6907197d
 def minimality(model, tokenizer, circuit: Circuit, group: str, examples, means, max_k: int = 2,
                context: str = "keep") -> pd.DataFrame:
@@ -190,6 +199,102 @@ def prune(circuit: Circuit, scores: dict, threshold: float = 0.01) -> Circuit:
             else list(circuit[g]) for g in GROUPS}
     return Circuit(**keep)
 
+# %% ../nbs/07_circuit.ipynb #storecc1
+def circuit_table(circuit, model: str, stage: str) -> pd.DataFrame:
+    "A circuit as a tidy table: one row per (group, head), in the circuit's order."
+    return pd.DataFrame([dict(model=model, stage=stage, group=g, order=i, layer=l, head=h)
+                         for g in GROUPS for i, (l, h) in enumerate(circuit[g])],
+                        columns=["model", "stage", "group", "order", "layer", "head"])
+
+
+def circuit_from_table(table: pd.DataFrame, stage: str = "minimal"):
+    "The `Circuit` stored in a `circuit_table` (rows of `stage`)."
+    t = table[table["stage"] == stage].sort_values(["group", "order"])
+    return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in t.groupby("group")})
+
+
+def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | None = None, root=None):
+    """`role`'s circuit as in the circuit chapters, each stage a stored table: path patching on `n` correct prompts
+    (`path_patching_<role>`: scores of every head, candidates marked), minimality (`minimality_<role>`) and the
+    pruned circuit (`circuit_<role>`: candidates and minimal circuit). Returns the minimal `Circuit`. `n` and `pool`
+    default to the zoo's `Config`: `n_discovery` / `discovery_pool` for the base, `n_ft_discovery` / `ft_pool` else."""
+    cfg, name = zoo.config, zoo.roles[role]
+    base = role == "base"
+    n = (cfg.n_discovery if base else cfg.n_ft_discovery) if n is None else n
+    pool = (cfg.discovery_pool if base else cfg.ft_pool) if pool is None else pool
+    model, tok = zoo.load(name)
+    pp_params = dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1)
+
+    def patch() -> pd.DataFrame:
+        clean, corrupt = discovery_prompts(model, tok, n=n, seed=0, pool=pool)
+        found, scores = discover_circuit(model, clean, corrupt, progress=not progress_disabled())
+        rank = {(g, h): i for g in GROUPS for i, h in enumerate(found[g])}
+        return pd.DataFrame([dict(model=name, group=g, layer=l, head=h, score=float(scores[g][l, h]),
+                                  candidate_rank=rank.get((g, (l, h)), -1), n=n, seed=0)
+                             for g in GROUPS for l in range(scores[g].shape[0]) for h in range(scores[g].shape[1])])
+
+    scores = cached(f"path_patching_{role}", patch, pp_params, [name], root)
+    kept = scores[scores.candidate_rank >= 0].sort_values(["group", "candidate_rank"])
+    candidates = Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in kept.groupby("group")})
+    mini_params = dict(candidates=candidates.to_dict(), n_test=cfg.n_test, n=cfg.n_minimality, seed=TEST_SEED,
+                       n_means=cfg.n_means, means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
+
+    def mini() -> pd.DataFrame:
+        test = zoo.test_prompts()[:cfg.n_minimality]
+        parts = []
+        for g in GROUPS:
+            if candidates[g]:
+                t = minimality(model, tok, candidates, g, test, zoo_means(zoo, name), max_k=cfg.minimality_k)
+                parts.append(t.assign(model=name, group=g, layer=[h[0] for h in t["head"]], head=[h[1] for h in t["head"]],
+                                      K=[" ".join(f"{l}.{h}" for l, h in k) for k in t["K"]]))
+        cols = ["model", "group", "layer", "head", "with", "without", "relative drop", "K"]
+        return pd.concat(parts)[cols] if parts else pd.DataFrame(columns=cols)
+
+    mini_t = cached(f"minimality_{role}", mini, mini_params, [name], root)
+    by_group = {g: pd.DataFrame({"head": list(zip(d["layer"].astype(int), d["head"].astype(int))),
+                                 "relative drop": d["relative drop"]}) for g, d in mini_t.groupby("group")}
+    circuit = prune(candidates, by_group, threshold=0.01)
+    cached(f"circuit_{role}", lambda: pd.concat([circuit_table(candidates, name, "candidates"),
+                                                  circuit_table(circuit, name, "minimal")]),
+           dict(mini_params, threshold=0.01), [name], root)
+    return circuit
+
+
+def stored_circuit(role: str = "base", root=None):
+    "The minimal circuit of `role` from `results/circuit_<role>.csv`, or None if it was not computed."
+    t = load_result(f"circuit_{role}", root)
+    return None if t is None else circuit_from_table(t)
+
+
+def need_circuit(root=None, role: str = "base"):
+    "`stored_circuit(role, root)`, or an error that says which step computes it."
+    c = stored_circuit(role, root)
+    if c is None:
+        raise RuntimeError(f"no stored circuit of the {role} model in {root or results_dir()}: run the 'circuit' step first.")
+    return c
+
+# %% ../nbs/07_circuit.ipynb #t1cc0001
+def circuit_in_models(zoo: Zoo, circuit, circuit_name: str, contexts=("ablate", "keep"), n_random: int = 0,
+                      examples=None) -> pd.DataFrame:
+    """The circuit chapter's `evaluate_circuit` of `circuit` in every role model of `zoo` (its test prompts and head
+    means), with each row's role. Tidy: model, role, circuit, heads, n, seed, context, metric, value, ci_low, ci_high."""
+    examples = zoo.test_prompts() if examples is None else examples
+    named = zoo.by_role()
+    t = evaluate_circuit({r: zoo.load(m) for r, m in named.items()}, circuit, examples,
+                         {r: zoo_means(zoo, m) for r, m in named.items()}, n_random=n_random, seed=0, contexts=contexts,
+                         name=circuit_name)
+    return t.rename(columns={"model": "role"}).assign(model=lambda d: d.role.map(named), seed=TEST_SEED)
+
+
+def stored_table1(zoo: Zoo, root=None) -> dict:
+    "Table 1: the base circuit in every model (`table1`: full, circuit, random, faithfulness; both contexts)."
+    if not zoo.need("base"):
+        return {}
+    circuit, cfg = need_circuit(root), zoo.config
+    return {"table1": cached("table1", lambda: circuit_in_models(zoo, circuit, "base", n_random=cfg.n_random),
+                             dict(circuit=circuit.to_dict(), n=cfg.n_test, seed=TEST_SEED, n_random=cfg.n_random,
+                                  random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
+
 # %% ../nbs/07_circuit.ipynb #7f5cd7d2
 def overlap(circuit: Circuit, reference: Circuit) -> pd.DataFrame:
     "Precision (share of `circuit` in `reference`) and recall (share of `reference` in `circuit`), per group and overall."
@@ -201,6 +306,27 @@ def overlap(circuit: Circuit, reference: Circuit) -> pd.DataFrame:
                    "precision": len(mine & ref) / len(mine) if mine else float("nan"),
                    "recall": len(mine & ref) / len(ref) if ref else float("nan")}
     return pd.DataFrame(rows).T
+
+# %% ../nbs/07_circuit.ipynb #cccc0001
+def stored_cross_circuit(zoo: Zoo, root=None) -> dict:
+    "Each fine-tune's own circuit (`circuit_<role>` ...), every circuit in every model (`cross_circuit`), overlap."
+    if not zoo.need("base") or len(zoo.by_role()) < 2:
+        return {}
+    cfg, named = zoo.config, list(zoo.by_role().values())
+    circuits = {"base": need_circuit(root)}
+    for role in list(zoo.by_role())[1:]:
+        circuits[role] = find_circuit_stored(zoo, role, root=root)
+    as_dicts = {k: c.to_dict() for k, c in circuits.items()}
+    return {
+        "cross_circuit": cached(
+            "cross_circuit",
+            lambda: pd.concat([circuit_in_models(zoo, c, name, contexts=("keep",)) for name, c in circuits.items()]),
+            dict(circuits=as_dicts, n=cfg.n_test, seed=TEST_SEED, n_means=cfg.n_means), named, root),
+        "circuit_overlap": cached(
+            "circuit_overlap",
+            lambda: pd.concat([overlap(c, circuits["base"]).rename_axis("group").reset_index().assign(circuit=name)
+                               for name, c in circuits.items() if name != "base"]),
+            dict(circuits=as_dicts), named, root)}
 
 # %% ../nbs/07_circuit.ipynb #49cef0ee
 def completeness(model, tokenizer, circuit: Circuit, examples, means, n_random: int = 10, seed: int = 0) -> pd.DataFrame:
@@ -217,6 +343,23 @@ def completeness(model, tokenizer, circuit: Circuit, examples, means, n_random: 
                      "circuit without K": circuit_accuracy(model, tokenizer, rest, examples, means, context="keep"),
                      "model without K": float(ablated_predictions(model, tokenizer, examples, means, ablated=K).mean())})
     return pd.DataFrame(rows)
+
+# %% ../nbs/07_circuit.ipynb #compcc01
+def stored_completeness(zoo: Zoo, root=None) -> dict:
+    "Completeness of the base circuit in every model (`completeness`)."
+    if not zoo.need("base"):
+        return {}
+    circuit, cfg = need_circuit(root), zoo.config
+
+    def compute():
+        test = zoo.test_prompts()[:cfg.n_completeness]
+        return pd.concat([completeness(*zoo.load(name), circuit, test, zoo_means(zoo, name),
+                                       n_random=cfg.completeness_random, seed=0)
+                          .assign(model=name, role=role, n=len(test)) for role, name in zoo.by_role().items()])
+
+    return {"completeness": cached("completeness", compute,
+                                   dict(circuit=circuit.to_dict(), n=cfg.n_completeness, seed=TEST_SEED, n_random=cfg.completeness_random,
+                                        random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
 
 # %% ../nbs/07_circuit.ipynb #30ad8615
 @torch.no_grad()

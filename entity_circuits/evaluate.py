@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from .data import BoxesExample, encode, sample_boxes, usable_labels, usable_objects
 from .models import progress_disabled
+from .results import cached
+from .zoo import TEST_SEED, Zoo, role_of
 
 # %% auto #0
-__all__ = ['PAPER_ACCURACY', 'TEST_SEED', 'REVIVAL_STEPS', 'predictions', 'bootstrap_ci', 'ratio_ci', 'paired_difference',
-           'accuracy_table', 'revival_curve', 'revival_table']
+__all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'predictions', 'bootstrap_ci', 'ratio_ci', 'paired_difference', 'accuracy_table',
+           'revival_curve', 'revival_table', 'paired_accuracy', 'stored_accuracy']
 
 # %% ../nbs/05_accuracy.ipynb #5c0aa2b3
 @torch.no_grad()
@@ -77,10 +79,6 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[floa
 # %% ../nbs/05_accuracy.ipynb #03304fee
 PAPER_ACCURACY = {"LLaMA-7B": 0.66, "Vicuna-7B": 0.67, "Goat-7B": 0.82, "FLoat-7B": 0.82}
 "Table 1 of the paper: full-model accuracy on 500 seven-box prompts."
-
-TEST_SEED = 0
-"Seed of the held-out test prompts (the organisms' training used other seeds for its selection sets)."
-
 
 def accuracy_table(models: dict, n: int = 500, n_boxes: Sequence[int] = (7,), seed: int = TEST_SEED,
                    batch_size: int = 50, restrict: bool = False) -> pd.DataFrame:
@@ -141,3 +139,48 @@ def revival_table(models: dict, **kw) -> pd.DataFrame:
     "`revival_curve` of every `name -> (model, tokenizer)`: a tidy table."
     return pd.concat([revival_curve(m, t, **kw).assign(model=name) for name, (m, t) in
                       tqdm(models.items(), desc="revival", disable=progress_disabled())], ignore_index=True)
+
+# %% ../nbs/05_accuracy.ipynb #storacc1
+def paired_accuracy(models: dict, base: str, examples, seed: int = TEST_SEED) -> pd.DataFrame:
+    "Each model's accuracy minus `base`'s on the same prompts, with a paired bootstrap 95% CI: a tidy table."
+    correct = {m: predictions(model, tok, examples, desc=m) for m, (model, tok) in models.items()}
+    rows = []
+    for m, c in correct.items():
+        if m == base:
+            continue
+        d, lo, hi = paired_difference(c, correct[base], seed=seed)
+        rows.append(dict(model=m, role=role_of(m), base=base, metric="accuracy - base accuracy", value=d,
+                         ci_low=lo, ci_high=hi, accuracy=c.mean(), base_accuracy=correct[base].mean(),
+                         n=len(examples), seed=seed))
+    return pd.DataFrame(rows)
+
+
+def stored_accuracy(zoo: Zoo, root=None) -> dict:
+    """Accuracy tables: `accuracy` (7 boxes), `accuracy_by_boxes`, `accuracy_vs_base` (paired), `accuracy_restricted`
+    (the answer among the context's objects), `revival` (accuracy after a few steps of boxes training), `accuracy_<extra>`."""
+    cfg, named, out = zoo.config, list(zoo.by_role().values()), {}
+    if named:
+        out["accuracy"] = cached(
+            "accuracy", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test, n_boxes=(7,)),
+            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED), named, root)
+        out["accuracy_by_boxes"] = cached(
+            "accuracy_by_boxes", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test,
+                                                        n_boxes=cfg.box_counts),
+            dict(n=cfg.n_test, n_boxes=cfg.box_counts, seed=TEST_SEED), named, root)
+        out["accuracy_restricted"] = cached(
+            "accuracy_restricted", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test, n_boxes=(7,),
+                                                          restrict=True),
+            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED, restrict=True), named, root)
+        revival = dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0)
+        out["revival"] = cached("revival", lambda: revival_table({m: zoo.load(m) for m in named}, **revival),
+                                revival | {"steps": list(cfg.revival_steps)}, named, root)
+    if zoo.need("base") and len(named) > 1:
+        out["accuracy_vs_base"] = cached(
+            "accuracy_vs_base",
+            lambda: paired_accuracy({m: zoo.load(m) for m in named}, zoo.roles["base"], zoo.test_prompts()),
+            dict(n=cfg.n_test, n_boxes=7, seed=TEST_SEED, base=zoo.roles["base"]), named, root)
+    for m in zoo.extras:
+        out[f"accuracy_{m}"] = cached(
+            f"accuracy_{m}", lambda: accuracy_table({m: zoo.load(m)}, n=cfg.n_extra, n_boxes=cfg.extra_box_counts),
+            dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
+    return out

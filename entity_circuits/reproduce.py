@@ -5,138 +5,28 @@
 # %% ../nbs/11_reproduce.ipynb #d36741b2
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import logging
 import os
-import sys
-import textwrap
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .circuit import MEANS_SEED, PAPER_TABLE1, evaluate_circuit, head_means, minimality, overlap
-from .circuit import completeness as completeness_of, prune
-from .data import sample_boxes, usable_labels, usable_objects
-from .evaluate import (PAPER_ACCURACY, REVIVAL_STEPS, TEST_SEED, accuracy_table, bootstrap_ci,
-                                      paired_difference, predictions, ratio_ci, revival_table)
-from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model, progress_disabled
-from .path_patching import GROUP_LETTERS, GROUPS, Circuit, discover_circuit, discovery_prompts, plot_scores
-from .results import RECOMPUTE_ENV, cached, load_result, results_dir, save_figure
+from .circuit import (find_circuit_stored, need_circuit, stored_completeness, stored_cross_circuit,
+                                     stored_table1)
+from .evaluate import stored_accuracy
+from .path_patching import GROUPS, plot_scores
+from .results import RECOMPUTE_ENV, load_result, results_dir, save_figure
+from .verdict import verdict_table
+from .zoo import Config, Zoo, default_models
 
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['ROLES', 'SMOLLM2', 'STEPS', 'NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CLAIMS', 'role_of', 'smollm2_available',
-           'default_models', 'Config', 'Zoo', 'step', 'paired_accuracy', 'step_accuracy', 'circuit_table',
-           'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'step_circuit', 'circuit_in_models',
-           'step_table1', 'step_cross_circuit', 'step_completeness', 'step_dcm', 'step_cmap', 'step_knockout',
-           'step_figures', 'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy', 'claim_faithful',
-           'claim_functions', 'claim_cmap', 'verdict_table', 'reproduce', 'format_verdict', 'main']
-
-# %% ../nbs/11_reproduce.ipynb #0a4d0aba
-ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
-"The paper's four models and the role each plays; a model spec's `paper_model` gives its role."
-
-SMOLLM2 = "smollm2-135m-instruct"
-
-
-def role_of(name: str) -> str | None:
-    "The role ('base', 'chat', 'math-lora', 'math-full') of a registered model, or None (an extra model)."
-    spec = REGISTRY.get(name)
-    return ROLES.get(spec.paper_model) if spec is not None else None
-
-
-def smollm2_available() -> bool:
-    "True if the optional SmolLM2 extra (`make smollm2`) is installed."
-    return gguf_path(get_spec(SMOLLM2)) is not None and all(
-        importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
-
-
-def default_models() -> list[str]:
-    "The default zoo: the four organisms, and SmolLM2 when it is installed."
-    return ORGANISMS + ([SMOLLM2] if smollm2_available() else [])
-
-# %% ../nbs/11_reproduce.ipynb #e5072801
-@dataclass(frozen=True)
-class Config:
-    "Sample sizes of every experiment: the chapters' values by default, tiny ones in `Config.smoke()`."
-    n_test: int = 500                  # held-out 7-box test prompts (seed TEST_SEED): accuracy, Table 1, cross
-    box_counts: tuple = (2, 3, 4, 5, 6, 7)  # accuracy by number of boxes
-    n_means: int = 500                 # prompts heads are averaged over (seed MEANS_SEED)
-    n_discovery: int = 300             # correct prompts for path patching the base
-    discovery_pool: int = 10           # ... drawn from pool * n prompts
-    n_minimality: int = 200            # test prompts for minimality
-    minimality_k: int = 2              # largest set K grown per head in minimality
-    n_random: int = 10                 # random circuits per model
-    n_ft_discovery: int = 50           # correct prompts for each fine-tune's own circuit
-    ft_pool: int = 40
-    n_completeness: int = 300          # test prompts for completeness
-    completeness_random: int = 10      # random knock-out sets in completeness
-    n_extra: int = 150                 # prompts per box count for extra models (SmolLM2)
-    extra_box_counts: tuple = (2, 3, 7)
-    revival_steps: tuple = REVIVAL_STEPS  # steps of boxes training in the accuracy chapter's revival curves
-    n_revival: int = 300               # held-out prompts each revival point is measured on
-    heavy: bool = True                 # run the DCM, CMAP and knockout steps (at their chapters' sizes only)
-
-    @classmethod
-    def smoke(cls) -> "Config":
-        "A few prompts everywhere: the whole pipeline in well under a minute (for tests and demonstrations)."
-        return cls(n_test=30, box_counts=(7,), n_means=30, n_discovery=10, n_minimality=10, minimality_k=0,
-                   n_random=1, n_ft_discovery=4, ft_pool=100, n_completeness=10, completeness_random=2, n_extra=5,
-                   extra_box_counts=(7,), revival_steps=(1, 2), n_revival=10, heavy=False)
-
-# %% ../nbs/11_reproduce.ipynb #5c69e541
-class Zoo:
-    "The models of one run, by role (base, chat, math-lora, math-full) plus extras; each loaded once, when needed."
-
-    def __init__(self, models: Sequence[str] | None = None, config: Config = Config()):
-        self.models, self.config = list(models) if models is not None else default_models(), config
-        self.roles: dict[str, str] = {}
-        self.extras: list[str] = []
-        for m in self.models:
-            r = role_of(m)
-            if r is None:
-                self.extras.append(m)
-            elif r in self.roles:
-                raise ValueError(f"{self.roles[r]!r} and {m!r} both stand for the paper's {r} model; pass one of them.")
-            else:
-                self.roles[r] = m
-        self._models, self._means, self._words = {}, {}, None
-
-    def by_role(self) -> dict[str, str]:
-        "role -> model name, in the paper's order (base, chat, math-lora, math-full), for the roles present."
-        return {r: self.roles[r] for r in ROLES.values() if r in self.roles}
-
-    def load(self, name: str):
-        "`(model, tokenizer)` of `name`, loaded on first use."
-        if name not in self._models:
-            self._models[name] = load_model(name)
-        return self._models[name]
-
-    def test_prompts(self, n: int | None = None) -> list:
-        "The accuracy chapter's held-out 7-box prompts (seed `TEST_SEED`), from words every role model's tokenizer has."
-        if self._words is None:
-            tokenizers = [self.load(m)[1] for m in self.by_role().values()]
-            objects, labels = [set(usable_objects(t)) for t in tokenizers], [set(usable_labels(t)) for t in tokenizers]
-            self._words = ([w for w in usable_objects(tokenizers[0]) if all(w in o for o in objects)],
-                           [w for w in usable_labels(tokenizers[0]) if all(w in l for l in labels)])
-        return sample_boxes(self.config.n_test if n is None else n, 7, seed=TEST_SEED, objects=self._words[0],
-                            labels=self._words[1])
-
-    def means(self, name: str):
-        "`head_means` of a model (the circuit chapter's: `n_means` prompts, seed `MEANS_SEED`), computed once."
-        if name not in self._means:
-            self._means[name] = head_means(*self.load(name), n=self.config.n_means)
-        return self._means[name]
-
-    def need(self, *roles: str) -> bool:
-        return all(r in self.roles for r in roles)
+__all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step', 'step_circuit', 'step_dcm',
+           'step_cmap', 'step_knockout', 'step_figures', 'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -151,118 +41,9 @@ def step(name: str):
     return register
 
 # %% ../nbs/11_reproduce.ipynb #5a918138
-def paired_accuracy(models: dict, base: str, examples, seed: int = TEST_SEED) -> pd.DataFrame:
-    "Each model's accuracy minus `base`'s on the same prompts, with a paired bootstrap 95% CI: a tidy table."
-    correct = {m: predictions(model, tok, examples, desc=m) for m, (model, tok) in models.items()}
-    rows = []
-    for m, c in correct.items():
-        if m == base:
-            continue
-        d, lo, hi = paired_difference(c, correct[base], seed=seed)
-        rows.append(dict(model=m, role=role_of(m), base=base, metric="accuracy - base accuracy", value=d,
-                         ci_low=lo, ci_high=hi, accuracy=c.mean(), base_accuracy=correct[base].mean(),
-                         n=len(examples), seed=seed))
-    return pd.DataFrame(rows)
-
-
-@step("accuracy")
-def step_accuracy(zoo: Zoo, root=None) -> dict:
-    """Accuracy tables: `accuracy` (7 boxes), `accuracy_by_boxes`, `accuracy_vs_base` (paired), `accuracy_restricted`
-    (the answer among the context's objects), `revival` (accuracy after a few steps of boxes training), `accuracy_<extra>`."""
-    cfg, named, out = zoo.config, list(zoo.by_role().values()), {}
-    if named:
-        out["accuracy"] = cached(
-            "accuracy", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test, n_boxes=(7,)),
-            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED), named, root)
-        out["accuracy_by_boxes"] = cached(
-            "accuracy_by_boxes", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test,
-                                                        n_boxes=cfg.box_counts),
-            dict(n=cfg.n_test, n_boxes=cfg.box_counts, seed=TEST_SEED), named, root)
-        out["accuracy_restricted"] = cached(
-            "accuracy_restricted", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test, n_boxes=(7,),
-                                                          restrict=True),
-            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED, restrict=True), named, root)
-        revival = dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0)
-        out["revival"] = cached("revival", lambda: revival_table({m: zoo.load(m) for m in named}, **revival),
-                                revival | {"steps": list(cfg.revival_steps)}, named, root)
-    if zoo.need("base") and len(named) > 1:
-        out["accuracy_vs_base"] = cached(
-            "accuracy_vs_base",
-            lambda: paired_accuracy({m: zoo.load(m) for m in named}, zoo.roles["base"], zoo.test_prompts()),
-            dict(n=cfg.n_test, n_boxes=7, seed=TEST_SEED, base=zoo.roles["base"]), named, root)
-    for m in zoo.extras:
-        out[f"accuracy_{m}"] = cached(
-            f"accuracy_{m}", lambda: accuracy_table({m: zoo.load(m)}, n=cfg.n_extra, n_boxes=cfg.extra_box_counts),
-            dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
-    return out
+step_accuracy = step("accuracy")(stored_accuracy)
 
 # %% ../nbs/11_reproduce.ipynb #5fb59197
-def circuit_table(circuit, model: str, stage: str) -> pd.DataFrame:
-    "A circuit as a tidy table: one row per (group, head), in the circuit's order."
-    return pd.DataFrame([dict(model=model, stage=stage, group=g, order=i, layer=l, head=h)
-                         for g in GROUPS for i, (l, h) in enumerate(circuit[g])],
-                        columns=["model", "stage", "group", "order", "layer", "head"])
-
-
-def circuit_from_table(table: pd.DataFrame, stage: str = "minimal"):
-    "The `Circuit` stored in a `circuit_table` (rows of `stage`)."
-    t = table[table["stage"] == stage].sort_values(["group", "order"])
-    return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in t.groupby("group")})
-
-
-def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | None = None, root=None):
-    """`role`'s circuit as in the circuit chapters, each stage a stored table: path patching on `n` correct prompts
-    (`path_patching_<role>`: scores of every head, candidates marked), minimality (`minimality_<role>`) and the
-    pruned circuit (`circuit_<role>`: candidates and minimal circuit). Returns the minimal `Circuit`. `n` and `pool`
-    default to the zoo's `Config`: `n_discovery` / `discovery_pool` for the base, `n_ft_discovery` / `ft_pool` else."""
-    cfg, name = zoo.config, zoo.roles[role]
-    base = role == "base"
-    n = (cfg.n_discovery if base else cfg.n_ft_discovery) if n is None else n
-    pool = (cfg.discovery_pool if base else cfg.ft_pool) if pool is None else pool
-    model, tok = zoo.load(name)
-    pp_params = dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1)
-
-    def patch() -> pd.DataFrame:
-        clean, corrupt = discovery_prompts(model, tok, n=n, seed=0, pool=pool)
-        found, scores = discover_circuit(model, clean, corrupt, progress=not progress_disabled())
-        rank = {(g, h): i for g in GROUPS for i, h in enumerate(found[g])}
-        return pd.DataFrame([dict(model=name, group=g, layer=l, head=h, score=float(scores[g][l, h]),
-                                  candidate_rank=rank.get((g, (l, h)), -1), n=n, seed=0)
-                             for g in GROUPS for l in range(scores[g].shape[0]) for h in range(scores[g].shape[1])])
-
-    scores = cached(f"path_patching_{role}", patch, pp_params, [name], root)
-    kept = scores[scores.candidate_rank >= 0].sort_values(["group", "candidate_rank"])
-    candidates = Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in kept.groupby("group")})
-    mini_params = dict(candidates=candidates.to_dict(), n_test=cfg.n_test, n=cfg.n_minimality, seed=TEST_SEED,
-                       n_means=cfg.n_means, means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
-
-    def mini() -> pd.DataFrame:
-        test = zoo.test_prompts()[:cfg.n_minimality]
-        parts = []
-        for g in GROUPS:
-            if candidates[g]:
-                t = minimality(model, tok, candidates, g, test, zoo.means(name), max_k=cfg.minimality_k)
-                parts.append(t.assign(model=name, group=g, layer=[h[0] for h in t["head"]], head=[h[1] for h in t["head"]],
-                                      K=[" ".join(f"{l}.{h}" for l, h in k) for k in t["K"]]))
-        cols = ["model", "group", "layer", "head", "with", "without", "relative drop", "K"]
-        return pd.concat(parts)[cols] if parts else pd.DataFrame(columns=cols)
-
-    mini_t = cached(f"minimality_{role}", mini, mini_params, [name], root)
-    by_group = {g: pd.DataFrame({"head": list(zip(d["layer"].astype(int), d["head"].astype(int))),
-                                 "relative drop": d["relative drop"]}) for g, d in mini_t.groupby("group")}
-    circuit = prune(candidates, by_group, threshold=0.01)
-    cached(f"circuit_{role}", lambda: pd.concat([circuit_table(candidates, name, "candidates"),
-                                                  circuit_table(circuit, name, "minimal")]),
-           dict(mini_params, threshold=0.01), [name], root)
-    return circuit
-
-
-def stored_circuit(role: str = "base", root=None):
-    "The minimal circuit of `role` from `results/circuit_<role>.csv`, or None if it was not computed."
-    t = load_result(f"circuit_{role}", root)
-    return None if t is None else circuit_from_table(t)
-
-
 @step("circuit")
 def step_circuit(zoo: Zoo, root=None) -> dict:
     "The base model's circuit: path patching (300 correct prompts), minimality, pruning."
@@ -272,74 +53,11 @@ def step_circuit(zoo: Zoo, root=None) -> dict:
     return {n: load_result(n, root) for n in ("path_patching_base", "minimality_base", "circuit_base")}
 
 # %% ../nbs/11_reproduce.ipynb #3c11bdaa
-def circuit_in_models(zoo: Zoo, circuit, circuit_name: str, contexts=("ablate", "keep"), n_random: int = 0,
-                      examples=None) -> pd.DataFrame:
-    """The circuit chapter's `evaluate_circuit` of `circuit` in every role model of `zoo` (its test prompts and head
-    means), with each row's role. Tidy: model, role, circuit, heads, n, seed, context, metric, value, ci_low, ci_high."""
-    examples = zoo.test_prompts() if examples is None else examples
-    named = zoo.by_role()
-    t = evaluate_circuit({r: zoo.load(m) for r, m in named.items()}, circuit, examples,
-                         {r: zoo.means(m) for r, m in named.items()}, n_random=n_random, seed=0, contexts=contexts,
-                         name=circuit_name)
-    return t.rename(columns={"model": "role"}).assign(model=lambda d: d.role.map(named), seed=TEST_SEED)
-
-
-def _need_circuit(root, role="base"):
-    c = stored_circuit(role, root)
-    if c is None:
-        raise RuntimeError(f"no stored circuit of the {role} model in {root or results_dir()}: run the 'circuit' step first.")
-    return c
-
-
-@step("table1")
-def step_table1(zoo: Zoo, root=None) -> dict:
-    "Table 1: the base circuit in every model (`table1`: full, circuit, random, faithfulness; both contexts)."
-    if not zoo.need("base"):
-        return {}
-    circuit, cfg = _need_circuit(root), zoo.config
-    return {"table1": cached("table1", lambda: circuit_in_models(zoo, circuit, "base", n_random=cfg.n_random),
-                             dict(circuit=circuit.to_dict(), n=cfg.n_test, seed=TEST_SEED, n_random=cfg.n_random,
-                                  random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
+step_table1 = step("table1")(stored_table1)
 
 # %% ../nbs/11_reproduce.ipynb #67cb3cf4
-@step("cross_circuit")
-def step_cross_circuit(zoo: Zoo, root=None) -> dict:
-    "Each fine-tune's own circuit (`circuit_<role>` ...), every circuit in every model (`cross_circuit`), overlap."
-    if not zoo.need("base") or len(zoo.by_role()) < 2:
-        return {}
-    cfg, named = zoo.config, list(zoo.by_role().values())
-    circuits = {"base": _need_circuit(root)}
-    for role in list(zoo.by_role())[1:]:
-        circuits[role] = find_circuit_stored(zoo, role, root=root)
-    as_dicts = {k: c.to_dict() for k, c in circuits.items()}
-    return {
-        "cross_circuit": cached(
-            "cross_circuit",
-            lambda: pd.concat([circuit_in_models(zoo, c, name, contexts=("keep",)) for name, c in circuits.items()]),
-            dict(circuits=as_dicts, n=cfg.n_test, seed=TEST_SEED, n_means=cfg.n_means), named, root),
-        "circuit_overlap": cached(
-            "circuit_overlap",
-            lambda: pd.concat([overlap(c, circuits["base"]).rename_axis("group").reset_index().assign(circuit=name)
-                               for name, c in circuits.items() if name != "base"]),
-            dict(circuits=as_dicts), named, root)}
-
-# %% ../nbs/11_reproduce.ipynb #db23c965
-@step("completeness")
-def step_completeness(zoo: Zoo, root=None) -> dict:
-    "Completeness of the base circuit in every model (`completeness`)."
-    if not zoo.need("base"):
-        return {}
-    circuit, cfg = _need_circuit(root), zoo.config
-
-    def compute():
-        test = zoo.test_prompts()[:cfg.n_completeness]
-        return pd.concat([completeness_of(*zoo.load(name), circuit, test, zoo.means(name),
-                                          n_random=cfg.completeness_random, seed=0)
-                          .assign(model=name, role=role, n=len(test)) for role, name in zoo.by_role().items()])
-
-    return {"completeness": cached("completeness", compute,
-                                   dict(circuit=circuit.to_dict(), n=cfg.n_completeness, seed=TEST_SEED, n_random=cfg.completeness_random,
-                                        random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
+step_cross_circuit = step("cross_circuit")(stored_cross_circuit)
+step_completeness = step("completeness")(stored_completeness)
 
 # %% ../nbs/11_reproduce.ipynb #7262f77a
 @step("dcm")
@@ -351,7 +69,7 @@ def step_dcm(zoo: Zoo, root=None) -> dict:
     from entity_circuits.dcm import selected_heads, stored_dcm, stored_functionality, stored_variants
     base = zoo.roles["base"]
     model, tok = zoo.load(base)
-    circuit = _need_circuit(root)
+    circuit = need_circuit(root)
     out = {"dcm_base": stored_dcm(base, model, tok, circuit, root)}
     models = {r: zoo.load(m)[0] for r, m in zoo.by_role().items()}
     out["dcm_functionality"] = stored_functionality(models, zoo.by_role().values(), tok,
@@ -371,7 +89,7 @@ def step_cmap(zoo: Zoo, root=None) -> dict:
     from entity_circuits.cmap import stored_cmap
     from entity_circuits.dcm import cmap_heads, stored_dcm
     base = zoo.roles["base"]
-    circuit = _need_circuit(root)
+    circuit = need_circuit(root)
     heads, _ = cmap_heads(circuit, stored_dcm(base, *zoo.load(base), circuit, root))
     sources = [zoo.roles[r] for r in ("math-lora", "math-full", "chat") if r in zoo.roles]
     return {"cmap_outputs": stored_cmap(base, sources, heads, root=root, load=zoo.load),   # the zoo's models, not reloaded
@@ -437,201 +155,8 @@ def step_figures(zoo: Zoo, root=None) -> dict:
         _log.info("%s figure: drawn", name)
     return paths
 
-# %% ../nbs/11_reproduce.ipynb #368aaaa7
-NOT_COMPUTED = "not computed"
-FAITHFUL = 0.8
-"Faithfulness (and kept share of a DCM function) at or above which a circuit counts as faithful (the paper's lowest: 0.88)."
-
-
-def compare(ci_low: float, ci_high: float, threshold: float = 0.0) -> str:
-    "'above' if the whole 95% CI is above `threshold`, 'below' if it is all below, else 'unclear'."
-    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
-        return "unclear"
-    return "above" if ci_low > threshold else "below" if ci_high < threshold else "unclear"
-
-
-def judge(outcomes: Sequence[str], want: str = "above") -> str:
-    "'holds' if every comparison came out as `want`, 'does not hold' if none did and none is unclear, else 'partly'."
-    outcomes = list(outcomes)
-    if not outcomes:
-        return NOT_COMPUTED
-    hits = sum(o == want for o in outcomes)
-    if hits == len(outcomes):
-        return "holds"
-    if hits == 0 and "unclear" not in outcomes:
-        return "does not hold"
-    return "partly"
-
-
-def fmt(value: float, lo: float | None = None, hi: float | None = None, signed: bool = False) -> str:
-    "`0.62 [0.58, 0.66]`, signed for differences."
-    f = (lambda x: f"{x:+.2f}") if signed else (lambda x: f"{x:.2f}")
-    return f(value) + (f" [{f(lo)}, {f(hi)}]" if lo is not None and np.isfinite(lo) else "")
-
-# %% ../nbs/11_reproduce.ipynb #9ef4d02c
-def _role(name) -> str:
-    return name if name in ROLES.values() else role_of(name) or str(name)
-
-
-def _smollm2_accuracy(root) -> str:
-    t = load_result(f"accuracy_{SMOLLM2}", root)
-    if t is None:
-        return NOT_COMPUTED
-    r = t[t.n_boxes == t.n_boxes.max()].iloc[0]
-    return f"n/a (no base/fine-tune pair); {int(r.n_boxes)}-box accuracy {fmt(r.value, r.ci_low, r.ci_high)}, n={int(r.n)}"
-
-
-def _paper_delta(roles) -> str:
-    base = PAPER_ACCURACY["LLaMA-7B"]
-    return "; ".join(f"{p} {PAPER_ACCURACY[p] - base:+.2f}" for p, r in ROLES.items() if r in roles) + f" (vs LLaMA-7B {base:.2f})"
-
-
-def claim_math_accuracy(root=None) -> dict:
-    "Math fine-tuning raises entity-tracking accuracy (Goat-7B, FLoat-7B vs LLaMA-7B)."
-    row = dict(claim="math fine-tuning raises accuracy", paper=_paper_delta(("math-lora", "math-full")),
-               SmolLM2=_smollm2_accuracy(root), evidence="accuracy_vs_base")
-    t = load_result("accuracy_vs_base", root)
-    t = None if t is None else t[t.role.isin(["math-lora", "math-full"])]
-    if t is None or t.empty:
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    return dict(row, organisms="; ".join(f"{r.role} {fmt(r.value, r.ci_low, r.ci_high, True)}" for r in t.itertuples()),
-                verdict=judge([compare(r.ci_low, r.ci_high, 0) for r in t.itertuples()]))
-
-
-def claim_chat_accuracy(root=None) -> dict:
-    """Chat fine-tuning does not raise accuracy (Vicuna-7B about equal to LLaMA-7B). Holds if the difference's CI
-    contains 0; partly if it is all below 0 (no gain, but a loss the paper did not see); does not hold if above."""
-    row = dict(claim="chat fine-tuning does not raise accuracy", paper=_paper_delta(("chat",)),
-               SmolLM2=_smollm2_accuracy(root), evidence="accuracy_vs_base")
-    t = load_result("accuracy_vs_base", root)
-    t = None if t is None else t[t.role == "chat"]
-    if t is None or t.empty:
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    r = t.iloc[0]
-    side = compare(r.ci_low, r.ci_high, 0)
-    return dict(row, organisms=f"chat {fmt(r.value, r.ci_low, r.ci_high, True)}",
-                verdict={"unclear": "holds", "below": "partly", "above": "does not hold"}[side])
-
-
-def claim_faithful(root=None) -> dict:
-    "The base circuit is faithful in the fine-tuned models (faithfulness, context kept, clearly at least `FAITHFUL`)."
-    paper = "; ".join(f"{r['paper model']} {r['paper faithfulness']:.2f}" for role, r in PAPER_TABLE1.iterrows() if role != "base")
-    row = dict(claim="the base circuit is faithful in the fine-tuned models", paper=paper,
-               SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="table1")
-    t = load_result("table1", root)
-    t = None if t is None else t[(t.metric == "faithfulness") & (t.context == "keep")]
-    if t is None or t[t.role != "base"].empty:
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    cell = lambda r: f"{r.role} {fmt(r.value, r.ci_low, r.ci_high)}"
-    base = [f"; for scale, in the base itself {fmt(r.value, r.ci_low, r.ci_high)}" for r in t[t.role == "base"].itertuples()]
-    t = t[t.role != "base"]
-    return dict(row, organisms="; ".join(map(cell, t.itertuples())) + f" (context kept; faithful = at least {FAITHFUL}"
-                + "".join(base) + ")", verdict=judge([compare(r.ci_low, r.ci_high, FAITHFUL) for r in t.itertuples()]))
-
-
-MAIN_FUNCTION = {"value_fetcher": "object", "pos_transmitter": "position", "pos_detector": "position",
-                 "struct_reader": "position"}
-"The function (DCM desideratum) each group carries in the paper."
-
-
-def _base_function(t: pd.DataFrame, group: str) -> str | None:
-    """The desideratum `group` carries in the base, as DCM found it: the paper's (`MAIN_FUNCTION`) if DCM selected
-    heads of the group for it, else the one whose selected heads score highest in the base; None if DCM selected no
-    head of the group at all. (A table without a `heads` column counts every row as selected.)"""
-    sel = t[(t.group == group) & (t.role == "base")]
-    if "heads" in sel:
-        sel = sel[sel.heads > 0]
-    if sel.empty:
-        return None
-    if MAIN_FUNCTION[group] in set(sel.desideratum):
-        return MAIN_FUNCTION[group]
-    return sel.groupby("desideratum").accuracy.mean().idxmax()
-
-
-def claim_functions(root=None) -> dict:
-    """The groups keep their function in the fine-tuned models: for each group's function in the base (`_base_function`:
-    the paper's, unless DCM found the group carrying another), the DCM heads' accuracy in a fine-tune is at least
-    `FAITHFUL` of the base's (ratio of means over runs, paired bootstrap CI)."""
-    row = dict(claim="group functions persist (DCM)", SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="dcm_functionality")
-    try:
-        from entity_circuits.dcm import PAPER_FIG3
-        row["paper"] = "; ".join(f"{GROUP_LETTERS[g]} {d}: " + " / ".join(f"{v:.0f}" for v in PAPER_FIG3.loc[(g, d)])
-                                 for g, d in MAIN_FUNCTION.items()) + " % (LLaMA / Vicuna / Goat / FLoat)"
-    except (ImportError, KeyError, AttributeError):
-        row["paper"] = "see the DCM chapter"
-    t = load_result("dcm_functionality", root)
-    if t is None or not {"model", "group", "desideratum", "run", "accuracy"} <= set(t.columns):
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    t = t.assign(role=t.model.map(_role))
-    cells, outcomes = [], []
-    for g in MAIN_FUNCTION:
-        d = _base_function(t, g)
-        if d is None:
-            continue                    # DCM selected no head of this group in the base: nothing to persist
-        sel = t[(t.group == g) & (t.desideratum == d)]
-        base = sel[sel.role == "base"].set_index("run").accuracy
-        name = f"{GROUP_LETTERS[g]} {d}" + ("" if d == MAIN_FUNCTION[g] else f" (not {MAIN_FUNCTION[g]})")
-        for role, s in sel[sel.role != "base"].groupby("role", sort=False):
-            s = s.set_index("run").accuracy.reindex(base.index)
-            lo, hi = ratio_ci(s.values, base.values)
-            outcomes.append(compare(lo, hi, FAITHFUL))
-            cells.append(f"{name} {role} {fmt(s.mean() / base.mean(), lo, hi)}")
-    if not cells:
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    return dict(row, organisms="; ".join(cells) + " (fine-tune / base)", verdict=judge(outcomes))
-
-
-def _paper_cmap() -> str:
-    try:
-        from entity_circuits.cmap import PAPER_CMAP, PAPER_CMAP_BASE
-    except ImportError:
-        return "see the CMAP chapter"
-    return "; ".join(f"{src}: A {r['A'] - PAPER_CMAP_BASE:+.2f}, B {r['B'] - PAPER_CMAP_BASE:+.2f}, "
-                     f"full {r['full'] - PAPER_CMAP_BASE:+.2f}" for src, r in PAPER_CMAP.iterrows()) \
-        + f" (over LLaMA-7B alone {PAPER_CMAP_BASE:.2f})"
-
-
-def claim_cmap(root=None) -> dict:
-    """CMAP (table `cmap_outputs`: a math fine-tune's head outputs patched into the base): the full circuit's patch
-    raises the base's accuracy (paired CI above 0), the Value Fetcher's (A) gain is at least half of it, and the
-    Position Transmitter's (B) is the next largest. A full-circuit gain whose CI straddles 0 is 'unclear'."""
-    row = dict(claim="CMAP: value fetcher heads carry most of the gain, then position transmitter",
-               paper=_paper_cmap(), SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="cmap_outputs")
-    t = load_result("cmap_outputs", root)
-    if t is None or not {"source", "group", "accuracy", "delta", "delta_ci_low", "delta_ci_high"} <= set(t.columns):
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    t = t[(t.group != "alone") & t.accuracy.notna()].assign(role=lambda d: d.source.map(_role))
-    if "patch" in t.columns:
-        t = t[t.patch == "output"]
-    cells, outcomes = [], []
-    for role, s in t[t.role.isin(["math-lora", "math-full"])].groupby("role", sort=False):
-        s = s.set_index("group")
-        if "full" not in s.index or "A" not in s.index:
-            continue
-        gain, full = s.delta, s.loc["full"]
-        side = compare(full.delta_ci_low, full.delta_ci_high, 0)
-        if side == "above":
-            rest = gain.drop(["full", "A", "B"], errors="ignore")
-            side = "above" if gain["A"] >= 0.5 * gain["full"] and ("B" not in gain or (rest <= gain["B"]).all()) else "below"
-        outcomes.append(side)
-        cells.append(f"{role}: " + ", ".join(f"{g} {fmt(s.delta[g], s.delta_ci_low[g], s.delta_ci_high[g], True)}"
-                                             for g in ("A", "B", "full") if g in s.index))
-    if not cells:
-        return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    return dict(row, organisms="; ".join(cells) + " (accuracy change of the base)", verdict=judge(outcomes))
-
-
-CLAIMS = [claim_math_accuracy, claim_chat_accuracy, claim_faithful, claim_functions, claim_cmap]
-"One function per claim of the paper; each reads result tables only and returns one row of the verdict table."
-
-
-def verdict_table(root=None) -> pd.DataFrame:
-    "The paper's claims, the paper's numbers, the organisms' (from `root`, default `results_dir()`), SmolLM2's, a verdict."
-    cols = ["claim", "paper", "organisms", "SmolLM2", "verdict", "evidence"]
-    return pd.DataFrame([claim(root) for claim in CLAIMS])[cols]
-
 # %% ../nbs/11_reproduce.ipynb #9897c468
-def _root_for(models: Sequence[str] | None) -> Path:
+def root_for(models: Sequence[str] | None) -> Path:
     "`results_dir()` for the default zoo; `results_dir()/<model+model+...>` for another, so zoos never overwrite each other."
     if models is None or list(models) == default_models():
         return results_dir()
@@ -644,7 +169,7 @@ def reproduce(models: Sequence[str] | None = None, only: Sequence[str] | None = 
     unknown = set(only or ()) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown steps {sorted(unknown)}; the steps are {list(STEPS)}.")
-    root = Path(root) if root is not None else _root_for(models)
+    root = Path(root) if root is not None else root_for(models)
     zoo = Zoo(models, config)
     todo = [s for s in STEPS if only is None or s in only]
     echo(f"results: {root}\nmodels: {', '.join(zoo.models)}\nsteps: {', '.join(todo)}")
@@ -661,62 +186,3 @@ def reproduce(models: Sequence[str] | None = None, only: Sequence[str] | None = 
         if force:
             os.environ.pop(RECOMPUTE_ENV) if old is None else os.environ.__setitem__(RECOMPUTE_ENV, old)
     return verdict_table(root)
-
-# %% ../nbs/11_reproduce.ipynb #e2b774cb
-def format_verdict(table: pd.DataFrame, width: int = 110) -> str:
-    "The verdict table as text for a terminal: one block per claim."
-    out = []
-    for i, r in enumerate(table.itertuples(), 1):
-        out.append(f"{i}. {r.claim}: {r.verdict.upper()}")
-        for key in ("paper", "organisms", "SmolLM2", "evidence"):
-            out.append(textwrap.fill(str(getattr(r, key)), width, initial_indent=f"   {key + ':':11s}",
-                                     subsequent_indent=" " * 14))
-    return "\n".join(out)
-
-
-def _echo(line: str) -> None:
-    print(line, flush=True)
-def main(argv: Sequence[str] | None = None) -> int:
-    "The `entity-circuits` command: `reproduce`, and `train-organisms` (handed to `entity_circuits.organisms.main`)."
-    parser = argparse.ArgumentParser(prog="entity-circuits", description="Entity-tracking circuits: commands.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reproduce", help="run every experiment, store tables and figures, print the verdict",
-                       description="Run every experiment of the reproduction in order, writing tidy tables (CSV + JSON) "
-                       "and figures (PNG, SVG) to the results directory, reusing every table already computed with "
-                       "the same parameters, models and code (kill it and start again: nothing finished is redone), "
-                       "and print the verdict table.")
-    r.add_argument("--models", nargs="+", metavar="SPEC", default=None,
-                   help="model specs (registry names or local directories); the paper's role of each comes from its "
-                        "spec, e.g. --models llama-7b vicuna-7b goat-7b float-7b on a GPU machine. Default: the four "
-                        f"organisms, plus {SMOLLM2} when installed")
-    r.add_argument("--only", nargs="+", metavar="STEP", choices=list(STEPS), default=None,
-                   help=f"run only these steps (in their order); the steps: {', '.join(STEPS)}")
-    r.add_argument("--results", metavar="DIR", default=None,
-                   help="results directory (default: $ENTITY_CIRCUITS_RESULTS, else results/ in the repository; "
-                        "for other --models, a subdirectory named after them)")
-    r.add_argument("--force", action="store_true", help="recompute every table even if a current one is stored")
-    r.add_argument("--smoke", action="store_true", help="tiny sample sizes (seconds per step; for tests), needs --results")
-    sub.add_parser("train-organisms", add_help=False, help="train the base organism and its three fine-tunes "
-                   "(`entity-circuits train-organisms --help`)")
-    args, rest = parser.parse_known_args(argv)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    if args.command == "train-organisms":
-        from entity_circuits.organisms import main as train_organisms_main
-        return train_organisms_main(["train-organisms", *rest])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.smoke and args.results is None:
-        parser.error("--smoke needs --results (smoke-sized tables do not belong in the real results directory)")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("    %(message)s"))
-    logger = logging.getLogger("entity_circuits.results")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        verdict = reproduce(args.models, args.only, args.results, args.force,
-                            Config.smoke() if args.smoke else Config(), echo=_echo)
-    finally:
-        logger.removeHandler(handler)
-    _echo(f"\nVerdict (from the tables in {Path(args.results) if args.results else _root_for(args.models)})\n"
-          + format_verdict(verdict))
-    return 0

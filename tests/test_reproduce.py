@@ -1,4 +1,4 @@
-"""`entity-circuits reproduce`: resumable after a kill, a verdict that follows the result tables, the command line."""
+"""`entity-circuits reproduce`: resumable after a kill, a verdict that follows the result tables (`verdict`), the zoo, the command line (`cli`)."""
 import os
 import re
 import signal
@@ -12,12 +12,14 @@ import pytest
 
 from entity_circuits.models import ORGANISMS
 from entity_circuits.evaluate import ratio_ci
-from entity_circuits.reproduce import (NOT_COMPUTED, STEPS, Config, Zoo, _root_for, compare, default_models, judge,
-                                       main, reproduce, verdict_table)
+from entity_circuits.cli import main
+from entity_circuits.reproduce import STEPS, reproduce, root_for
+from entity_circuits.verdict import NOT_COMPUTED, compare, judge, verdict_table
+from entity_circuits.zoo import Zoo, default_models
 from entity_circuits.results import cached, result_info, results_dir
 
 MODELS = ["organism-base", "organism-math-full"]  # two organisms keep the smoke run short
-COMMAND = [sys.executable, "-c", "import sys; from entity_circuits.reproduce import main; sys.exit(main())",
+COMMAND = [sys.executable, "-c", "import sys; from entity_circuits.cli import main; sys.exit(main())",
            "reproduce", "--smoke", "--models", *MODELS]
 ENV = {**os.environ, "ENTITY_CIRCUITS_QUIET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -151,8 +153,8 @@ def test_zoo_roles_and_roots(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown steps"):
         reproduce(MODELS, only=["nope"], root=tmp_path)
     monkeypatch.setenv("ENTITY_CIRCUITS_RESULTS", str(tmp_path))
-    assert _root_for(None) == tmp_path and _root_for(default_models()) == tmp_path
-    assert _root_for(["llama-7b", "goat-7b"]) == tmp_path / "llama-7b+goat-7b"
+    assert root_for(None) == tmp_path and root_for(default_models()) == tmp_path
+    assert root_for(["llama-7b", "goat-7b"]) == tmp_path / "llama-7b+goat-7b"
     assert list(STEPS)[:3] == ["accuracy", "circuit", "table1"]
 
 
@@ -178,7 +180,7 @@ def test_only_and_force(tmp_path, capsys):
     "--only runs just those steps; --force recomputes a current table."
     assert main(["reproduce", "--smoke", "--models", *MODELS, "--results", str(tmp_path), "--only", "accuracy"]) == 0
     first = committed(tmp_path)
-    assert set(first) == {"accuracy", "accuracy_by_boxes", "accuracy_vs_base"}
+    assert set(first) == {"accuracy", "accuracy_by_boxes", "accuracy_vs_base", "accuracy_restricted", "revival"}
     out = capsys.readouterr().out
     assert "1. math fine-tuning raises accuracy:" in out and "not computed" in out.lower()
     time.sleep(0.01)
