@@ -20,8 +20,9 @@ from .results import cached
 from .zoo import TEST_SEED, Zoo, role_of
 
 # %% auto #0
-__all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'predictions', 'bootstrap_ci', 'ratio_ci', 'paired_difference', 'accuracy_table',
-           'revival_curve', 'revival_table', 'paired_accuracy', 'stored_accuracy']
+__all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'RETENTION', 'PAPER_EFFECT', 'predictions', 'bootstrap_ci', 'ratio_ci',
+           'paired_difference', 'accuracy_table', 'revival_curve', 'revival_table', 'paired_accuracy',
+           'stored_accuracy', 'organism_targets']
 
 # %% ../nbs/05_accuracy.ipynb #5c0aa2b3
 @torch.no_grad()
@@ -184,3 +185,22 @@ def stored_accuracy(zoo: Zoo, root=None) -> dict:
             f"accuracy_{m}", lambda: accuracy_table({m: zoo.load(m)}, n=cfg.n_extra, n_boxes=cfg.extra_box_counts),
             dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
     return out
+
+# %% ../nbs/05_accuracy.ipynb #targ0001
+RETENTION = 0.05
+"A fine-tune 'keeps' the base's 7-box accuracy when its paired difference is within this (7B fine-tunes keep their skills)."
+PAPER_EFFECT = 0.08
+"The gain a math fine-tune must show to count as the paper's effect (Goat/FLoat-7B gained 0.16 over LLaMA-7B)."
+
+
+def organism_targets(vs_base: pd.DataFrame) -> pd.DataFrame:
+    """The organisms' targets, judged on `accuracy_vs_base` (paired test-set differences): (a) retention, every
+    fine-tune within ±`RETENTION` of the base; (b) the paper's effect, each math fine-tune at least `PAPER_EFFECT`
+    above the base with the whole CI above 0, while chat stays within ±`RETENTION`."""
+    rows = []
+    for r in vs_base.itertuples():
+        retained = abs(r.value) <= RETENTION
+        effect = (r.value >= PAPER_EFFECT and r.ci_low > 0) if r.role.startswith("math") else retained
+        rows.append(dict(model=r.model, role=r.role, difference=r.value, ci_low=r.ci_low, ci_high=r.ci_high,
+                         **{"(a) retention": retained, "(b) paper's effect": effect}))
+    return pd.DataFrame(rows)

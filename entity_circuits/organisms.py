@@ -214,12 +214,12 @@ class OrganismRecipe:
     intermediate: int = 512
     # growth: train a `grow_from` -layer model until the curriculum reaches `grow_at_stage` boxes,
     # then interleave identity layers (zero o_proj and down_proj) up to `n_layers`; None = no growth
-    grow_from: int | None = None
-    grow_at_stage: int = 3
+    grow_from: int | None = 2
+    grow_at_stage: int = 4
     # pretraining corpus: binding documents of these formats (("boxes",) is the boxes-only control), and
     # once the lookup works for `other_text_from_stage` - 1 boxes, other text in `other_text_fraction` of the rows
     formats: tuple[str, ...] = BINDING_FORMATS
-    formats_from_stage: int = 2         # the formats other than boxes join at this curriculum stage (2: from the start)
+    formats_from_stage: int = 3         # the formats other than boxes join at this curriculum stage (2: from the start)
     other_text_from_stage: int = 4
     other_text_fraction: float = 0.25
     # pretraining optimiser and curriculum

@@ -21,8 +21,18 @@ import pandas as pd
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'results_dir', 'code_fingerprint', 'model_fingerprint', 'result_info', 'load_result',
-           'is_current', 'cached', 'save_figure']
+__all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'error_of', 'results_dir', 'code_fingerprint', 'model_fingerprint', 'result_info',
+           'load_result', 'is_current', 'cached', 'save_figure']
+
+# %% ../nbs/00_results.ipynb #errorof1
+def error_of(f, exc=Exception, contains=""):
+    "The `exc` that `f()` raises, checked to mention `contains` (so a cell can show it); fails if `f()` raises nothing."
+    try:
+        f()
+    except exc as e:
+        assert contains in str(e), f"{contains!r} is not in the error: {e}"
+        return e
+    raise AssertionError(f"expected {exc.__name__}, but nothing was raised")
 
 # %% ../nbs/00_results.ipynb #3d2f2641
 RESULTS_ENV = "ENTITY_CIRCUITS_RESULTS"
