@@ -227,9 +227,10 @@ def test_knockout_curves_table(base):
     df = knockout_curves({"base": base}, n=40, edges=edges, progress=False)
     assert list(df.columns) == ["model", "edge", "layer_from", "n_layers", "accuracy", "ci_low", "ci_high", "n", "seed",
                                 "control_seed"]
-    assert len(df) == 2 * 3 and set(df.layer_from) == {0, 1, 2} and (df.n == 40).all()
+    L = model.config.num_hidden_layers                      # layer_from 0..L; L blocks nothing
+    assert len(df) == 2 * (L + 1) and set(df.layer_from) == set(range(L + 1)) and (df.n == 40).all()
     own = predictions(model, tok, sample_boxes(40, 7, seed=TEST_SEED), progress=False).mean()
-    assert np.allclose(df[df.layer_from == 2].accuracy, own)
+    assert np.allclose(df[df.layer_from == L].accuracy, own)
     assert df.equals(knockout_curves({"base": base}, n=40, edges=edges, progress=False))   # deterministic
     with pytest.raises(KeyError, match="unknown edges"):
         knockout_curves({"base": base}, n=4, edges=["last -> nowhere"], progress=False)
