@@ -115,7 +115,8 @@ def test_faithfulness_of_every_head_is_one_and_of_no_head_near_zero(tok):
     model = load_model("organism-base")[0]
     ex = sample_boxes(100, 7, seed=11)
     means = {"base": head_means(model, tok, n=100)}
-    every = Circuit(value_fetcher=[(l, h) for l in range(2) for h in range(8)])
+    cfg = model.config
+    every = Circuit(value_fetcher=[(l, h) for l in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)])
     t = evaluate_circuit({"base": (model, tok)}, every, ex, means, n_random=0, contexts=("keep",),
                          progress=False).set_index("metric").value
     assert t["full"] > 0.3 and t["circuit"] == t["full"] and t["faithfulness"] == 1.0
