@@ -382,13 +382,13 @@ CMAP_INPUT_KINDS = ("Q", "K", "V", "QK", "QKV")
 
 
 def stored_cmap(base: str, sources: Sequence[str], heads_by_group: Mapping, inputs: bool = False,
-                root=None, load: Callable | None = None) -> pd.DataFrame:
+                root=None, load: Callable | None = None, n: int = 500) -> pd.DataFrame:
     """The chapter's tables through the results store: every group's head outputs patched into `base`
     (`cmap_outputs`, with the full circuit), or with `inputs` the A and B heads' q/k/v inputs (`cmap_inputs`)."""
     sources = list(sources)
     if inputs:
         heads_by_group = {g: heads_by_group[g] for g in ("pos_transmitter", "value_fetcher")}
-    kw = dict(n=500, n_boxes=7, seed=TEST_SEED, batch_size=100)   # what runs is what the key records
+    kw = dict(n=n, n_boxes=7, seed=TEST_SEED, batch_size=100)   # what runs is what the key records
     kw |= dict(patches=list(CMAP_INPUT_KINDS), full=False) if inputs else dict(patches=["output"], full=True)
     return cached("cmap_inputs" if inputs else "cmap_outputs",
                   lambda: cmap_table(base, sources, heads_by_group, load=load, **kw),

@@ -26,9 +26,9 @@ from .tracing import attention_layout, capture_heads, patch_heads
 __all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'FIG3_SEED', 'PAPER_FIG3', 'FILLER', 'VARIANTS', 'PAPER_VARIANTS', 'CMAP_RULE',
            'group_positions', 'source_cache', 'masked_patch', 'DCMData', 'EncodedPairs', 'encode_pairs', 'group_data',
            'dcm_data', 'patched_accuracy', 'train_mask', 'DCMResult', 'dcm_splits', 'dcm', 'dcm_table', 'dcm_summary',
-           'stored_dcm', 'selected_heads', 'stored_functionality', 'stored_variants', 'original_position_targets',
-           'functionality', 'plot_functionality', 'variant_text', 'UnknownWordError', 'variant_data', 'variant_table',
-           'cmap_heads']
+           'dcm_params', 'stored_dcm', 'selected_heads', 'stored_functionality', 'stored_variants',
+           'original_position_targets', 'functionality', 'plot_functionality', 'variant_text', 'UnknownWordError',
+           'variant_data', 'variant_table', 'cmap_heads']
 
 # %% ../nbs/08_dcm.ipynb #c3da3ab9
 def group_positions(batch, group: str) -> torch.Tensor:
@@ -263,17 +263,27 @@ DCM_PARAMS = dict(n_train=1000, n_val=500, n_test=500, n_boxes=7, seed=DCM_SEED,
 _SPLIT_KEYS = ("n_train", "n_val", "n_test", "n_boxes", "seed")
 
 
-def _stored_settings():
-    "The stored tables' splits and `train_mask` settings, both from `DCM_PARAMS`, so the key is what was run."
-    p = DCM_PARAMS
-    return dcm_splits(*(p[k] for k in _SPLIT_KEYS)), {k: v for k, v in p.items() if k not in _SPLIT_KEYS}
+def dcm_params(sizes: tuple | None = None) -> dict:
+    "`DCM_PARAMS` with `sizes` = (train, validation, test) pairs in place of the chapter's (a `Config`'s `dcm_sizes`)."
+    if sizes is None:
+        return dict(DCM_PARAMS)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"DCM sizes are (train, validation, test) pair counts, each at least 1; got {sizes}.")
+    return dict(DCM_PARAMS, **dict(zip(_SPLIT_KEYS, map(int, sizes))))
 
 
-def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None) -> pd.DataFrame:
-    "`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`)."
-    splits, train = _stored_settings()
+def _stored_settings(params: dict):
+    "The splits and `train_mask` settings of `params` (a `dcm_params`), so the stored key is what was run."
+    return dcm_splits(*(params[k] for k in _SPLIT_KEYS)), {k: v for k, v in params.items() if k not in _SPLIT_KEYS}
+
+
+def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None, sizes: tuple | None = None) -> pd.DataFrame:
+    """`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`);
+    `sizes`: (train, validation, test) pairs, the chapter's by default."""
+    params = dcm_params(sizes)
+    splits, train = _stored_settings(params)
     compute = lambda: dcm_table(model, tokenizer, circuit, splits, progress=False, **train)[0].assign(model=name)
-    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(DCM_PARAMS, circuit=circuit.to_dict()),
+    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(params, circuit=circuit.to_dict()),
                   [name], root)
 
 
@@ -283,18 +293,20 @@ def selected_heads(table: pd.DataFrame) -> dict:
     return {(g, d): parse(h) for g, d, h in zip(table["group"], table["desideratum"], table["heads"])}
 
 
-def stored_functionality(models: dict, names: Sequence[str], tokenizer, heads: dict, root=None) -> pd.DataFrame:
+def stored_functionality(models: dict, names: Sequence[str], tokenizer, heads: dict, root=None, runs: int = 10,
+                         n: int = 500) -> pd.DataFrame:
     "`functionality` (Fig. 3) of `heads` in `models` (role -> model; `names`: their specs) through the store."
-    fig3 = dict(runs=10, n=500, seed=FIG3_SEED)   # Fig. 3's settings: passed and recorded, one dict
+    fig3 = dict(runs=runs, n=n, seed=FIG3_SEED)   # Fig. 3's settings: passed and recorded, one dict
     return cached("dcm_functionality", lambda: functionality(models, tokenizer, heads, progress=False, **fig3),
                   dict(heads={f"{g}/{d}": hs for (g, d), hs in heads.items()}, **fig3), list(names), root)
 
 
-def stored_variants(name: str, model, tokenizer, heads, root=None) -> pd.DataFrame:
+def stored_variants(name: str, model, tokenizer, heads, root=None, sizes: tuple | None = None) -> pd.DataFrame:
     "`variant_table` of the position-transmitter `heads` of model `name` through the store (`dcm_variants`)."
-    splits, train = _stored_settings()
+    params = dcm_params(sizes)
+    splits, train = _stored_settings(params)
     return cached("dcm_variants", lambda: variant_table(model, tokenizer, heads, splits, progress=False, **train),
-                  dict(DCM_PARAMS, heads=heads), [name], root)
+                  dict(params, heads=heads), [name], root)
 
 # %% ../nbs/08_dcm.ipynb #26887184
 def original_position_targets(pairs: Sequence[DesiderataPair], tokenizer, seed: int = 0) -> torch.Tensor:

@@ -207,9 +207,9 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
     return pd.DataFrame(rows)
 
 
-def stored_knockout(models: Mapping[str, tuple], root=None) -> pd.DataFrame:
-    "`knockout_curves` of `models` (name -> `(model, tokenizer)`) at its defaults, through the results store."
-    kw = dict(n=500, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES))  # run = key
+def stored_knockout(models: Mapping[str, tuple], root=None, n: int = 500) -> pd.DataFrame:
+    "`knockout_curves` of `models` (name -> `(model, tokenizer)`) on `n` test prompts, through the results store."
+    kw = dict(n=n, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES))  # run = key
     return cached("knockout_curves", lambda: knockout_curves(dict(models), **kw), kw, list(models), root)
 
 # %% ../nbs/10_knockout.ipynb #knockout-023

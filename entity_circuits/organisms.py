@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,13 +33,13 @@ from .data import BoxesExample, LABELS, encode, load_objects, sample_boxes, word
 # %% auto #0
 __all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'THINGS', 'CONTAINERS', 'PEOPLE', 'EXTRA_WORDS', 'Doc',
            'BINDING_FORMATS', 'TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'BOXES_WORDS', 'RETAINED_FORMATS',
-           'COMMAND', 'organism_tokenizer', 'Binding', 'sample_binding', 'binding_doc', 'sentence_doc',
-           'arithmetic_problem', 'named_arithmetic_problem', 'arithmetic_doc', 'dialogue_turn', 'dialogue_doc',
-           'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_batch', 'binding_accuracy',
-           'head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc', 'pretrain_base',
-           'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss', 'evaluate_organism',
-           'FineTune', 'BoxesLeakError', 'forbidden_ids', 'fine_tune_stream', 'fine_tune', 'choose_lr',
-           'recipe_from_json', 'train_organisms', 'main']
+           'COMMAND', 'REPLICATES_CSV', 'organism_tokenizer', 'Binding', 'sample_binding', 'binding_doc',
+           'sentence_doc', 'arithmetic_problem', 'named_arithmetic_problem', 'arithmetic_doc', 'dialogue_turn',
+           'dialogue_doc', 'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_batch', 'binding_accuracy',
+           'head_ablation', 'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc',
+           'pretrain_base', 'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss',
+           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'forbidden_ids', 'fine_tune_stream', 'fine_tune',
+           'choose_lr', 'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'main']
 
 # %% ../nbs/04_organisms.ipynb #113d7db3
 NOUNS = ("cat", "dog", "bird", "horse", "child", "teacher", "farmer", "girl", "boy", "friend")
@@ -370,6 +370,16 @@ def head_ablation(model, tokenizer, formats: Sequence[str] = BINDING_FORMATS, n_
     return pd.DataFrame(rows)
 
 
+def stored_head_ablation(name: str = "organism-base", root=None, n: int = 200) -> pd.DataFrame:
+    "`head_ablation` of organism `name` (every format, 7 items, `n` prompts each) through the results store."
+    from entity_circuits.models import load_model
+    from entity_circuits.results import cached
+
+    kw = dict(formats=list(BINDING_FORMATS), n_items=7, n=n, seed=70_000)   # what runs is what the key records
+    return cached(f"head_ablation_{name.removeprefix('organism-')}", lambda: head_ablation(*load_model(name), **kw),
+                  kw, [name], root)
+
+
 def ablation_overlap(ablation: pd.DataFrame) -> pd.DataFrame:
     "Per pair of formats, the correlation of their accuracy drops over heads: near 1 when they need the same heads."
     full = ablation[ablation.layer < 0].set_index("format").accuracy
@@ -634,8 +644,11 @@ def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: 
 
 # %% ../nbs/04_organisms.ipynb #finetune
 def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, lr: float | None = None,
-              log: Callable[[dict], None] = lambda row: None, name: str | None = None):
-    "Fine-tune a copy of `base` with `design` (or a name in `DESIGNS`) at `lr`; LoRA stays unmerged (a PeftModel)."
+              log: Callable[[dict], None] = lambda row: None, name: str | None = None, replicate: int = 0,
+              on_eval: Callable[[int, Any], None] | None = None):
+    """Fine-tune a copy of `base` with `design` (or a name in `DESIGNS`) at `lr`; LoRA stays unmerged (a PeftModel).
+    `replicate` > 0 draws another data order (and LoRA initialisation); `on_eval(step, model)` is called at every
+    evaluation step (step 0 included), e.g. to keep snapshots."""
     if isinstance(design, str):
         if design not in DESIGNS:
             raise ValueError(f"unknown fine-tune {design!r}; choose from {sorted(DESIGNS)}.")
@@ -645,7 +658,7 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
     if design.lora:
         from peft import LoraConfig, get_peft_model
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
+            torch.manual_seed(recipe.seed + replicate)
             model = get_peft_model(model, LoraConfig(
                 r=recipe.ft_lora_r, lora_alpha=2 * recipe.ft_lora_r, lora_dropout=0.0,
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -656,11 +669,14 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
     def evaluate(step):  # the curve: 7-box accuracy, the task's loss, the other formats (100 prompts each)
         row = {"step": step, **tag, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval),
                "task_loss": task_loss(model, tokenizer, design.task, recipe, n=recipe.n_eval // 3)}
-        return row | {f"{f}_acc7": binding_accuracy(model, tokenizer, f, 7, recipe.n_eval // 3) for f in formats}
+        row |= {f"{f}_acc7": binding_accuracy(model, tokenizer, f, 7, recipe.n_eval // 3) for f in formats}
+        if on_eval is not None:
+            on_eval(step, model)
+        return row
 
     log(evaluate(0))
     model.train()
-    stream = fine_tune_stream(tokenizer, design, recipe, seed=len(tag["organism"]))
+    stream = fine_tune_stream(tokenizer, design, recipe, seed=len(tag["organism"]) + 1000 * replicate)
     for step in tqdm(range(1, recipe.ft_steps + 1), desc=f"fine-tune {tag['organism']} lr {lr:g}",
                      disable=progress_disabled(), mininterval=5):
         ids, mask = next(stream)
@@ -768,6 +784,60 @@ def _design_job(out: str, name: str, lr: float, recipe: OrganismRecipe) -> tuple
     return {"organism": name, "lr": lr, "task": d.task, "lora": d.lora, "wall_seconds": wall,
             "task_loss": skills[f"{d.task}_loss"], **skills}, rows
 
+
+def _replicate_job(out: str, name: str, lr: float, recipe: OrganismRecipe, replicate: int) -> dict:
+    "One replicate of role `name` fine-tuned from the base in `out` at `lr`, evaluated (the model is not kept)."
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(recipe.threads)
+    tokenizer, t = organism_tokenizer(), time.time()
+    model = fine_tune(LlamaForCausalLM.from_pretrained(Path(out) / "base").eval(), tokenizer, name, recipe, lr,
+                      replicate=replicate)
+    wall = round(time.time() - t, 1)
+    return {"organism": name, "lr": lr, "replicate": replicate, "wall_seconds": wall,
+            **evaluate_organism(model, tokenizer, recipe)}
+
+
+REPLICATES_CSV = "curves/replicates.csv"
+
+
+def fine_tune_replicates(out: str | os.PathLike, recipe: OrganismRecipe, lrs: Mapping[str, float],
+                         replicates: Sequence[int], workers: int = 1, invocation: str | None = None) -> pd.DataFrame:
+    """Replicates of every role's fine-tune (`FINE_TUNES`) of the base in `out`, each at `lrs[role]` (the shipped
+    choice: the rule is not re-run), evaluated and added to `out/curves/replicates.csv` (a row per role and
+    replicate, the base's as replicate -1); replicate 0 is the shipped fine-tune itself. Updates the manifest."""
+    out = Path(out)
+    base, info, _, _, invocations = _reuse_base(out, recipe)
+    missing = set(FINE_TUNES) - set(lrs)
+    if missing:
+        raise ValueError(f"no learning rate for {sorted(missing)}; give one per role in {sorted(FINE_TUNES)}.")
+    jobs = [(str(out), role, float(lrs[role]), recipe, int(r)) for r in replicates for role in FINE_TUNES]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_replicate_job, *zip(*jobs)))
+    else:
+        rows = [_replicate_job(*job) for job in jobs]
+    path = out / REPLICATES_CSV
+    old = pd.read_csv(path, dtype={"boxes_outcomes": str}) if path.exists() else pd.DataFrame()
+    if old.empty:
+        rows.insert(0, {"organism": "base", "lr": 0.0, "replicate": -1, "wall_seconds": 0.0,
+                        **evaluate_organism(base, organism_tokenizer(), recipe)})
+    new = pd.DataFrame(rows)
+    if not old.empty:
+        keep = ~old.set_index(["organism", "replicate"]).index.isin(new.set_index(["organism", "replicate"]).index)
+        new = pd.concat([old[keep], new], ignore_index=True)
+    path.parent.mkdir(exist_ok=True)
+    new.sort_values(["replicate", "organism"]).to_csv(path, index=False, float_format="%.5g")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest.pop("files", None)
+    manifest["invocations"] = invocations + [invocation or f"fine_tune_replicates({list(replicates)})"]
+    manifest["replicates"] = {"lrs": {k: float(v) for k, v in lrs.items()},
+                              "done": sorted(int(r) for r in new.replicate.unique() if r >= 0)}
+    write_manifest(out, **manifest)
+    return new
+
 # %% ../nbs/04_organisms.ipynb #trainorg
 def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.PathLike | None = None,
                     reuse_base: bool = False, workers: int = 1, designs: Sequence[str] = tuple(DESIGNS),
@@ -862,6 +932,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "with --reuse-base)")
     t.add_argument("--workers", type=int, default=1,
                    help="fine-tune the candidates in this many processes, one thread each (same result)")
+    t.add_argument("--replicates", type=int, nargs="+", default=None,
+                   help="with --reuse-base: fine-tune every role again with these replicate seeds (0 is the shipped "
+                        "one) at the learning rates chosen in --lrs-from, and add them to curves/replicates.csv")
+    t.add_argument("--lrs-from", default=None,
+                   help="organisms directory whose manifest's chosen learning rates --replicates uses (default: --out)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     recipe = OrganismRecipe.smoke(args.seed) if args.smoke else OrganismRecipe(seed=args.seed)
@@ -873,7 +948,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = replace(recipe, grow_from=args.grow_from or None)
     if args.smoke and args.out is None:
         parser.error("--smoke needs --out (the shipped organisms/ are not for smoke runs)")
+    invocation = shlex.join(["entity-circuits", *argv])
+    if args.replicates is not None:
+        if not args.reuse_base:
+            parser.error("--replicates fine-tunes an existing base: add --reuse-base")
+        out = Path(args.out) if args.out is not None else organisms_dir()
+        lrs_dir = Path(args.lrs_from) if args.lrs_from is not None else out
+        lrs = json.loads((lrs_dir / MANIFEST_NAME).read_text()).get("fine_tuning", {}).get("chosen_lr")
+        if not lrs:
+            parser.error(f"{lrs_dir / MANIFEST_NAME} records no chosen learning rates: pass --lrs-from")
+        table = fine_tune_replicates(out, recipe, lrs, args.replicates, args.workers, invocation)
+        print(table[["organism", "replicate", "lr", "boxes_acc7"]].to_string(index=False))
+        return 0
     manifest = train_organisms(recipe, args.out, reuse_base=args.reuse_base, workers=args.workers,
-                                base_only=args.base_only, invocation=shlex.join(["entity-circuits", *argv]))
+                                base_only=args.base_only, invocation=invocation)
     print(json.dumps({k: manifest.get(k) for k in ("command", "pretraining", "fine_tuning", "wall_seconds")}, indent=1))
     return 0

@@ -25,8 +25,8 @@ from .zoo import Config, Zoo, default_models
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step', 'step_circuit', 'step_dcm',
-           'step_cmap', 'step_knockout', 'step_figures', 'root_for', 'reproduce']
+__all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step', 'step_organisms',
+           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_figures', 'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -41,6 +41,16 @@ def step(name: str):
     return register
 
 # %% ../nbs/11_reproduce.ipynb #5a918138
+@step("organisms")
+def step_organisms(zoo: Zoo, root=None) -> dict:
+    "The organisms chapter's head ablation of the base organism over the four binding formats (`head_ablation_base`)."
+    base = zoo.roles.get("base", "")
+    if not base.startswith("organism-"):     # the binding formats are the organisms' own vocabulary
+        return {}
+    from entity_circuits.organisms import stored_head_ablation
+    return {"head_ablation_base": stored_head_ablation(base, root, n=zoo.config.n_ablation)}
+
+
 step_accuracy = step("accuracy")(stored_accuracy)
 
 # %% ../nbs/11_reproduce.ipynb #5fb59197
@@ -64,45 +74,47 @@ step_completeness = step("completeness")(stored_completeness)
 def step_dcm(zoo: Zoo, root=None) -> dict:
     """The DCM chapter's tables: DCM on every role's own circuit (`dcm_<model>`), Fig. 3 of the base's DCM heads in
     every model (`dcm_functionality`) and the position-transmitter variants (`dcm_variants`)."""
-    if not zoo.need("base") or not zoo.config.heavy:
+    if not zoo.need("base"):
         return {}
     from entity_circuits.dcm import selected_heads, stored_dcm, stored_functionality, stored_variants
-    base = zoo.roles["base"]
+    base, c = zoo.roles["base"], zoo.config
     model, tok = zoo.load(base)
     circuit = need_circuit(root)
-    out = {"dcm_base": stored_dcm(base, model, tok, circuit, root)}
+    out = {"dcm_base": stored_dcm(base, model, tok, circuit, root, sizes=c.dcm_sizes)}
     models = {r: zoo.load(m)[0] for r, m in zoo.by_role().items()}
-    out["dcm_functionality"] = stored_functionality(models, zoo.by_role().values(), tok,
-                                                    selected_heads(out["dcm_base"]), root)
-    out["dcm_variants"] = stored_variants(base, model, tok, circuit["pos_transmitter"], root)
+    out["dcm_functionality"] = stored_functionality(models, zoo.by_role().values(), tok, selected_heads(out["dcm_base"]),
+                                                    root, runs=c.fig3_runs, n=c.fig3_n)
+    out["dcm_variants"] = stored_variants(base, model, tok, circuit["pos_transmitter"], root, sizes=c.dcm_sizes)
     for role in list(zoo.by_role())[1:]:
         own = find_circuit_stored(zoo, role, root=root)
-        out[f"dcm_{role}"] = stored_dcm(zoo.roles[role], models[role], tok, own, root)
+        out[f"dcm_{role}"] = stored_dcm(zoo.roles[role], models[role], tok, own, root, sizes=c.dcm_sizes)
     return out
 
 
 @step("cmap")
 def step_cmap(zoo: Zoo, root=None) -> dict:
     "The CMAP chapter's tables: the fine-tunes' head outputs (`cmap_outputs`) and q/k/v inputs (`cmap_inputs`) in the base."
-    if not zoo.need("base") or len(zoo.by_role()) < 2 or not zoo.config.heavy:
+    if not zoo.need("base") or len(zoo.by_role()) < 2:
         return {}
     from entity_circuits.cmap import stored_cmap
     from entity_circuits.dcm import cmap_heads, stored_dcm
     base = zoo.roles["base"]
     circuit = need_circuit(root)
-    heads, _ = cmap_heads(circuit, stored_dcm(base, *zoo.load(base), circuit, root))
+    heads, _ = cmap_heads(circuit, stored_dcm(base, *zoo.load(base), circuit, root, sizes=zoo.config.dcm_sizes))
     sources = [zoo.roles[r] for r in ("math-lora", "math-full", "chat") if r in zoo.roles]
-    return {"cmap_outputs": stored_cmap(base, sources, heads, root=root, load=zoo.load),   # the zoo's models, not reloaded
-            "cmap_inputs": stored_cmap(base, sources, heads, inputs=True, root=root, load=zoo.load)}
+    n = zoo.config.n_cmap               # the zoo's models, not reloaded:
+    return {"cmap_outputs": stored_cmap(base, sources, heads, root=root, load=zoo.load, n=n),
+            "cmap_inputs": stored_cmap(base, sources, heads, inputs=True, root=root, load=zoo.load, n=n)}
 
 
 @step("knockout")
 def step_knockout(zoo: Zoo, root=None) -> dict:
     "The knockout chapter's curves of every role model (`knockout_curves`)."
-    if not zoo.by_role() or not zoo.config.heavy:
+    if not zoo.by_role():
         return {}
     from entity_circuits.knockout import stored_knockout
-    return {"knockout_curves": stored_knockout({m: zoo.load(m) for m in zoo.by_role().values()}, root)}
+    models = {m: zoo.load(m) for m in zoo.by_role().values()}
+    return {"knockout_curves": stored_knockout(models, root, n=zoo.config.n_knockout)}
 
 # %% ../nbs/11_reproduce.ipynb #79eaa941
 def _figure_is_current(name: str, table: str, root=None) -> bool:

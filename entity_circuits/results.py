@@ -21,8 +21,8 @@ import pandas as pd
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'error_of', 'results_dir', 'code_fingerprint', 'model_fingerprint', 'result_info',
-           'load_result', 'is_current', 'cached', 'save_figure']
+__all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'error_of', 'results_dir', 'module_dependencies', 'code_fingerprint',
+           'model_fingerprint', 'result_info', 'load_result', 'is_current', 'cached', 'save_figure']
 
 # %% ../nbs/00_results.ipynb #errorof1
 def error_of(f, exc=Exception, contains=""):
@@ -53,13 +53,41 @@ def results_dir() -> Path:
 
 # %% ../nbs/00_results.ipynb #ac5ba673
 @functools.lru_cache(maxsize=None)
-def code_fingerprint() -> str:
-    "sha256 over the package's `.py` files (path and bytes, sorted; not `_modidx.py`), once per process: the running code."
-    pkg, h = _package_dir(), hashlib.sha256()
-    for p in sorted(pkg.rglob("*.py")):
-        if p.name == "_modidx.py" or "__pycache__" in p.parts:
+def _package_files() -> dict[str, bytes]:
+    "The package's `.py` files (not `_modidx.py`) by module name, read once per process: the running code."
+    pkg = _package_dir()
+    return {".".join(("entity_circuits", *p.relative_to(pkg).with_suffix("").parts)).removesuffix(".__init__"): p.read_bytes()
+            for p in sorted(pkg.rglob("*.py")) if p.name != "_modidx.py" and "__pycache__" not in p.parts}
+
+
+def module_dependencies(module: str) -> list[str]:
+    "`module` and every package module it imports (at the top or inside a function), transitively; sorted."
+    import ast
+    files, seen, todo = _package_files(), set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in files:
             continue
-        h.update(p.relative_to(pkg).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        seen.add(m)
+        for node in ast.walk(ast.parse(files[m])):
+            if isinstance(node, ast.ImportFrom):
+                base = "entity_circuits" if node.level else ""
+                name = ".".join(filter(None, [base, node.module]))
+                todo += [name] + [f"{name}.{a.name}" for a in node.names]   # `from . import x` names a module
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return sorted(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(module: str | None = None) -> str:
+    """sha256 over the code of `module` and the package modules it uses (`module_dependencies`); over the whole
+    package when `module` is None or not one of the package's."""
+    files = _package_files()
+    names = module_dependencies(module) if module in files else sorted(files)
+    h = hashlib.sha256()
+    for m in names:
+        h.update(m.encode() + b"\0" + files[m] + b"\0")
     return h.hexdigest()
 
 
@@ -124,9 +152,15 @@ def _jsonable(x):
     return json.loads(json.dumps(x, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _fingerprints(params: dict, models: Sequence[str]) -> dict:
+def _code_module(compute) -> str | None:
+    "The package module `compute` is defined in (through `functools.partial`), or None if it is not the package's."
+    module = getattr(getattr(compute, "func", compute), "__module__", None) or ""
+    return module if module.startswith("entity_circuits.") else None
+
+
+def _fingerprints(params: dict, models: Sequence[str], module: str | None) -> dict:
     return {"params": _jsonable(params), "models": {m: model_fingerprint(m) for m in models},
-            "code": code_fingerprint()}
+            "code_module": module, "code": code_fingerprint(module)}
 
 
 def result_info(name: str, root: str | os.PathLike | None = None) -> dict | None:
@@ -154,14 +188,14 @@ def load_result(name: str, root: str | os.PathLike | None = None) -> pd.DataFram
 def is_current(name: str, params: dict, models: Sequence[str] = (), root: str | os.PathLike | None = None) -> bool:
     "True if the stored result `name` is complete and was made by these params, models and the current code."
     info = result_info(name, root)
-    return info is not None and all(info.get(k) == v for k, v in _fingerprints(params, models).items())
+    return info is not None and all(info.get(k) == v for k, v in _fingerprints(params, models, info.get("code_module")).items())
 
 
 def cached(name: str, compute: Callable[[], pd.DataFrame], params: dict, models: Sequence[str] = (),
            root: str | os.PathLike | None = None) -> pd.DataFrame:
     "The table `results/<name>.csv` if it is current for `params`, `models` and the code; else `compute()` it and store it."
     csv, meta = _paths(name, root)
-    want = _fingerprints(params, list(models))
+    want = _fingerprints(params, list(models), _code_module(compute))
     force = os.environ.get(RECOMPUTE_ENV, "") not in ("", "0")
     if not force and (info := result_info(name, root)) is not None and all(info.get(k) == v for k, v in want.items()):
         table = load_result(name, root)

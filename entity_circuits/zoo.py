@@ -62,14 +62,27 @@ class Config:
     extra_box_counts: tuple = (2, 3, 7)
     revival_steps: tuple = (10, 50, 200)  # steps of boxes training: the accuracy chapter's REVIVAL_STEPS
     n_revival: int = 300               # held-out prompts each revival point is measured on
-    heavy: bool = True                 # run the DCM, CMAP and knockout steps (at their chapters' sizes only)
+    dcm_sizes: tuple = (1000, 500, 500)  # DCM's train / validation / test desiderata pairs (the DCM chapter's)
+    fig3_runs: int = 10                # Fig. 3: random runs ...
+    fig3_n: int = 500                  # ... of this many desiderata pairs each
+    n_cmap: int = 500                  # CMAP's test prompts
+    n_knockout: int = 500              # knockout's test prompts
+    n_ablation: int = 200              # prompts per binding format in the organisms chapter's head ablation
+    n_mixing: int = 500                # counterfactual pairs per organism (mechanisms chapter)
+    n_mixing_extra: int = 100          # ... per extra model (SmolLM2), at ...
+    mixing_extra_boxes: int = 4        # ... this many boxes
+    n_label_patch: int = 500           # prompts of the label-only patch, per model
+    n_trajectory: int = 300            # test prompts per fine-tuning snapshot
+    trajectory_steps: int | None = None  # fine-tuning steps of the trajectory (None: the shipped recipe's)
 
     @classmethod
     def smoke(cls) -> "Config":
         "A few prompts everywhere: the whole pipeline in well under a minute (for tests and demonstrations)."
         return cls(n_test=30, box_counts=(7,), n_means=30, n_discovery=10, n_minimality=10, minimality_k=0,
                    n_random=1, n_ft_discovery=4, ft_pool=100, n_completeness=10, completeness_random=2, n_extra=5,
-                   extra_box_counts=(7,), revival_steps=(1, 2), n_revival=10, heavy=False)
+                   extra_box_counts=(7,), revival_steps=(1, 2), n_revival=10, dcm_sizes=(24, 12, 12),
+                   fig3_runs=1, fig3_n=12, n_cmap=12, n_knockout=12, n_ablation=12, n_mixing=12, n_mixing_extra=4,
+                   n_label_patch=12, n_trajectory=12, trajectory_steps=2)
 
 # %% ../nbs/04b_zoo.ipynb #92333ad8
 class Zoo:

@@ -35,7 +35,7 @@ def test_killed_after_the_first_step_resumes_without_recomputing(tmp_path):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if re.match(r"\[1/\d+\] accuracy: done", line):
+        if re.match(r"\[\d+/\d+\] accuracy: done", line):
             proc.send_signal(signal.SIGKILL)  # a hard kill: no cleanup, no exception handlers
             break
     proc.wait(timeout=60)
@@ -56,6 +56,8 @@ def test_killed_after_the_first_step_resumes_without_recomputing(tmp_path):
     assert "Verdict" in out and "math fine-tuning raises accuracy:" in out
     after = committed(tmp_path)
     assert {"circuit_base", "table1", "cross_circuit", "completeness", "circuit_math-full"} <= set(after)
+    # every step ran at smoke size, the heavy ones too
+    assert {"head_ablation_base", "dcm_base", "dcm_functionality", "cmap_outputs", "knockout_curves"} <= set(after)
     assert (tmp_path / "path_patching_base.png").exists() and (tmp_path / "completeness.svg").exists()
 
     # a third run computes nothing, and prints the same verdict
@@ -155,7 +157,7 @@ def test_zoo_roles_and_roots(tmp_path, monkeypatch):
     monkeypatch.setenv("ENTITY_CIRCUITS_RESULTS", str(tmp_path))
     assert root_for(None) == tmp_path and root_for(default_models()) == tmp_path
     assert root_for(["llama-7b", "goat-7b"]) == tmp_path / "llama-7b+goat-7b"
-    assert list(STEPS)[:3] == ["accuracy", "circuit", "table1"]
+    assert list(STEPS)[:4] == ["organisms", "accuracy", "circuit", "table1"]
 
 
 def test_command_line(capsys, tmp_path):

@@ -48,7 +48,7 @@ def test_code_or_model_change_recomputes(tmp_path, monkeypatch):
     cached("t", f, {}, models=["organism-base"], root=tmp_path)
     cached("t", f, {}, models=["organism-base"], root=tmp_path)
     assert f.calls == 1
-    monkeypatch.setattr(results, "code_fingerprint", lambda: "0" * 64)
+    monkeypatch.setattr(results, "code_fingerprint", lambda module=None: "0" * 64)
     cached("t", f, {}, models=["organism-base"], root=tmp_path)
     assert f.calls == 2
     cached("t", f, {}, models=["organism-base", "organism-chat"], root=tmp_path)
