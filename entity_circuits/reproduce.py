@@ -26,7 +26,8 @@ _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step', 'step_organisms',
-           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_figures', 'root_for', 'reproduce']
+           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
+           'step_figures', 'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -115,6 +116,35 @@ def step_knockout(zoo: Zoo, root=None) -> dict:
     from entity_circuits.knockout import stored_knockout
     models = {m: zoo.load(m) for m in zoo.by_role().values()}
     return {"knockout_curves": stored_knockout(models, root, n=zoo.config.n_knockout)}
+
+
+@step("mechanisms")
+def step_mechanisms(zoo: Zoo, root=None) -> dict:
+    """The mechanisms chapter's tables: positional / lexical / reflexive retrieval and the label-only patch of every
+    model (`mechanisms_<model>`), each fine-tune against the base (`mechanisms_vs_base`)."""
+    if not zoo.by_role():
+        return {}
+    from entity_circuits.mechanisms import stored_mechanisms
+    c = zoo.config
+    return stored_mechanisms({m: zoo.load(m) for m in zoo.by_role().values()}, root, n=c.n_mixing,
+                             n_label=c.n_label_patch, extra={m: zoo.load(m) for m in zoo.extras},
+                             n_extra=c.n_mixing_extra, extra_boxes=c.mixing_extra_boxes)
+
+
+@step("trajectory")
+def step_trajectory(zoo: Zoo, root=None) -> dict:
+    "The mechanisms chapter's snapshots along the math organisms' fine-tuning (`trajectory_<role>`)."
+    roles = [r for r in ("math-lora", "math-full") if zoo.roles.get(r) == f"organism-{r}"]
+    if zoo.roles.get("base") != "organism-base" or not roles:   # it re-runs the organisms' own recipe
+        return {}
+    from entity_circuits.dcm import cmap_heads, stored_dcm
+    from entity_circuits.mechanisms import stored_trajectory
+    circuit = need_circuit(root)
+    heads, _ = cmap_heads(circuit, stored_dcm("organism-base", *zoo.load("organism-base"), circuit, root,
+                                              sizes=zoo.config.dcm_sizes))
+    return {f"trajectory_{r}": stored_trajectory(r, circuit, heads, root, n=zoo.config.n_trajectory,
+                                                 steps=zoo.config.trajectory_steps) for r in roles}
+
 
 # %% ../nbs/11_reproduce.ipynb #79eaa941
 def _figure_is_current(name: str, table: str, root=None) -> bool:

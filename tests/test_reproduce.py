@@ -73,7 +73,7 @@ def _store(root, name, rows, **params):
 
 def test_verdict_follows_the_result_tables(tmp_path):
     v = verdict_table(tmp_path)
-    assert len(v) == 5 and (v.verdict == NOT_COMPUTED).all() and (v.organisms == NOT_COMPUTED).all()
+    assert len(v) == 6 and (v.verdict == NOT_COMPUTED).all() and (v.organisms == NOT_COMPUTED).all()
 
     def deltas(lora, full, chat):
         return [dict(model=m, role=r, value=d, ci_low=d - 0.05, ci_high=d + 0.05)
