@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from entity_circuits.models import ORGANISMS
 from entity_circuits.evaluate import ratio_ci
@@ -191,3 +192,46 @@ def test_only_and_force(tmp_path, capsys):
     main(["reproduce", "--smoke", "--models", *MODELS, "--results", str(tmp_path), "--only", "accuracy", "--force"])
     assert all(committed(tmp_path)[k] > first[k] for k in first)
     assert "ENTITY_CIRCUITS_RECOMPUTE" not in os.environ  # --force does not leak
+
+
+def test_the_papers_tier_end_to_end_from_local_directories(tmp_path):
+    """The paper's four models by their registry names, read from $ENTITY_CIRCUITS_MODELS/<name> with no hub: a
+    small LLaMA base (the base organism's weights), a LoRA adapter in Goat's layout (adapter_model.bin beside the
+    base's copy, as tiedong/goat-lora-7b ships), a full fine-tune and a chat model; `reproduce --smoke` runs every
+    step on them and the verdict reads their tables."""
+    from entity_circuits.models import load_model
+    models = tmp_path / "models"
+    base, tok = load_model("organism-base")
+    for name, organism in (("llama-7b", "organism-base"), ("goat-7b", "organism-base"),
+                           ("float-7b", "organism-math-full"), ("vicuna-7b", "organism-chat")):
+        load_model(organism)[0].save_pretrained(models / name)
+        tok.save_pretrained(models / name)
+    lora, _ = load_model("organism-math-lora")                  # a PeftModel, unmerged
+    lora.peft_config["default"].base_model_name_or_path = "huggyllama/llama-7b"
+    lora.save_pretrained(models / "goat-7b-adapter", safe_serialization=False)
+    assert (models / "goat-7b-adapter" / "adapter_model.bin").exists()
+    names = ["llama-7b", "vicuna-7b", "goat-7b", "float-7b"]
+    env = {**ENV, "ENTITY_CIRCUITS_MODELS": str(models), "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(COMMAND[:4] + ["--smoke", "--models", *names, "--results", str(tmp_path / "results")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    done = committed(tmp_path / "results")
+    assert {"accuracy", "circuit_base", "table1", "dcm_llama-7b", "dcm_functionality", "cmap_outputs", "knockout_curves",
+            "mechanisms_llama-7b", "mechanisms_vs_base"} <= set(done), sorted(done)
+    cmap = pd.read_csv(tmp_path / "results" / "cmap_outputs.csv")
+    assert set(cmap.source) == {"llama-7b", "goat-7b", "float-7b", "vicuna-7b"}
+    acc = pd.read_csv(tmp_path / "results" / "accuracy.csv").set_index("model")
+    assert set(acc.index) >= set(names)
+    # goat-7b is the base with the Goat-layout adapter on top: the adapter's update changes the logits
+    os.environ["ENTITY_CIRCUITS_MODELS"] = str(models)
+    try:
+        goat, _ = load_model("goat-7b")
+        llama, _ = load_model("llama-7b")
+    finally:
+        del os.environ["ENTITY_CIRCUITS_MODELS"]
+    assert type(goat).__name__ == "PeftModel"
+    ids = tok("The pen is in Box F. Box F contains the", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(goat(ids).logits, llama(ids).logits)
+    v = verdict_table(tmp_path / "results")
+    assert (v.verdict != NOT_COMPUTED).sum() >= 4, v[["claim", "verdict"]]
