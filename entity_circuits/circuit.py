@@ -95,7 +95,7 @@ def circuit_accuracy(model, tokenizer, circuit: Circuit | Iterable[tuple[int, in
     lay = attention_layout(model)
     heads = circuit.heads() if isinstance(circuit, Circuit) else list(circuit)
     for l, h in heads:
-        lay._check(l, h)
+        lay.check(l, h)
     return float(ablated_predictions(model, tokenizer, examples, means, kept=heads, batch_size=batch_size,
                                      context=context).mean())
 
@@ -367,7 +367,7 @@ def attention_pattern(model, batch, layer: int, head: int) -> torch.Tensor:
     "Attention weights `[b, T, T]` of one head (queries x keys), computed from its queries and keys with RoPE."
     from entity_circuits.path_patching import _parts, _rope
     lay, layers, _, rotary, _ = _parts(model)
-    lay._check(layer, head)
+    lay.check(layer, head)
     q = capture_heads(model, batch, "q", layers=[layer])[0][:, :, head]
     k = capture_heads(model, batch, "k", layers=[layer])[0][:, :, head]
     cos, sin = rotary(q, batch.position_ids)

@@ -130,7 +130,7 @@ def head_contributions(model, batch: BoxesBatch, heads, positions="last_pos",
     lay = attention_layout(model)
     heads = tuple(dict.fromkeys((int(l), int(h)) for l, h in heads))
     for l, h in heads:
-        lay._check(l, h)
+        lay.check(l, h)
     pos = _positions(batch, positions)
     o_projs = {l: _check_o_proj(model, l) for l in sorted({l for l, _ in heads})}
     if not heads:
@@ -162,7 +162,7 @@ def cmap_patch(model, batch: BoxesBatch, *contributions: Contributions):
         for l in sorted({l for l, _ in c.heads}):
             idx = [i for i, (hl, _) in enumerate(c.heads) if hl == l]
             for i in idx:
-                lay._check(*c.heads[i])
+                lay.check(*c.heads[i])
                 for p in seen.get(c.heads[i], []):
                     if c.positions is None or p is None or bool((c.positions == p).any()):
                         raise ValueError(f"head {c.heads[i]} is patched twice at the same position; give each head "
@@ -225,7 +225,7 @@ def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds:
     edits: dict[str, tuple] = {}       # projection module -> ((layer, kind), {head index in that projection})
     disturbed: dict[int, set] = {}     # layer -> query heads whose keys/values were patched
     for l, h in dict.fromkeys((int(l), int(h)) for l, h in heads):
-        lay._check(l, h)
+        lay.check(l, h)
         for k in kinds:
             source.get(l, k)
             edits.setdefault(lay.module(l, k), ((l, k), set()))[1].add(h if k == "q" else lay.kv_head(h))

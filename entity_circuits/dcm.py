@@ -44,7 +44,7 @@ def source_cache(model, inputs: dict, positions: torch.Tensor, heads: Sequence[t
     lay = attention_layout(model)
     heads = [tuple(h) for h in heads]
     for l, h in heads:
-        lay._check(l, h)
+        lay.check(l, h)
     if not heads:
         return torch.zeros(inputs["input_ids"].shape[0], 0, lay.head_dim)
     layers = sorted({l for l, _ in heads})

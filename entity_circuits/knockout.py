@@ -90,7 +90,7 @@ def block_attention(model, edges, layers: Iterable[int] | None = None):
     edges = _as_edges(edges)
     targets = []
     for l in layers:
-        lay._check(l, 0)
+        lay.check(l, 0)
         attn = get_module(model, lay.module(l, "attn"))
         impl = getattr(attn.config, "_attn_implementation", None)
         if impl not in EDITABLE:

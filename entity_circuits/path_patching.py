@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 import json
 from importlib import resources
-from pathlib import Path as PathLib
+from pathlib import Path
 
 from .data import BoxesBatch, corrupt_for_path_patching, encode, sample_boxes
 from .models import progress_disabled
@@ -24,9 +24,10 @@ from .tracing import (TraceDict, attention_layout, capture_heads, get_module, me
                                      patch_heads, split_heads)
 
 # %% auto #0
-__all__ = ['GROUPS', 'GROUP_LABELS', 'GROUP_LETTERS', 'PATHS', 'Path', 'Circuit', 'paper_asset', 'paper_circuit', 'paper_scores',
-           'PatchingCache', 'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads',
-           'discovery_prompts', 'discover_circuit', 'plot_scores']
+__all__ = ['GROUPS', 'GROUP_LABELS', 'GROUP_LETTERS', 'PATHS', 'ENGINE_MODEL_TYPES', 'GroupPath', 'Circuit', 'paper_asset',
+           'paper_circuit', 'paper_scores', 'EngineUnsupportedError', 'engine_unsupported', 'PatchingCache',
+           'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts',
+           'discover_circuit', 'plot_scores']
 
 # %% ../nbs/06_path_patching.ipynb #c2bd6e9b
 GROUPS = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")
@@ -40,7 +41,7 @@ GROUP_LETTERS = {g: label[0] for g, label in GROUP_LABELS.items()}
 
 
 @dataclass(frozen=True)
-class Path:
+class GroupPath:
     "How a group is scored: senders at `position`, effect measured through `receiver_kind` inputs of `receivers`."
     position: str                    # 'last', 'query' or 'prev_query' (a `BoxesBatch` field without `_pos`)
     receivers: str | None            # the group whose inputs the senders act on; None = the logits directly
@@ -57,10 +58,10 @@ class Path:
 
 
 PATHS = {
-    "value_fetcher": Path("last", None, None),
-    "pos_transmitter": Path("last", "value_fetcher", "q"),
-    "pos_detector": Path("query", "pos_transmitter", "v"),
-    "struct_reader": Path("prev_query", "pos_detector", "v"),
+    "value_fetcher": GroupPath("last", None, None),
+    "pos_transmitter": GroupPath("last", "value_fetcher", "q"),
+    "pos_detector": GroupPath("query", "pos_transmitter", "v"),
+    "struct_reader": GroupPath("prev_query", "pos_detector", "v"),
 }
 
 # %% ../nbs/06_path_patching.ipynb #bb2f4867
@@ -105,7 +106,7 @@ class Circuit:
         lay = attention_layout(model)
         for g in GROUPS:
             for l, h in self[g]:
-                lay._check(l, h)
+                lay.check(l, h)
         return self
 
     def to_dict(self) -> dict[str, list[list[int]]]:
@@ -120,11 +121,11 @@ class Circuit:
         return cls(**{g: tuple(map(tuple, d.get(g, ()))) for g in GROUPS})
 
     def save(self, path) -> None:
-        PathLib(path).write_text(json.dumps(self.to_dict()))
+        Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path) -> "Circuit":
-        return cls.from_dict(json.loads(PathLib(path).read_text()))
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def paper_asset(*parts: str):
@@ -293,16 +294,52 @@ def _receivers_by_layer(receivers, sender_layer: int) -> dict[int, list[int]]:
     return out
 
 
-def _validate(model, group: str, receivers, method: str):
+class EngineUnsupportedError(TypeError):
+    "The engine re-implements Llama's decoder layer; this model's layer computes something else."
+
+
+def engine_unsupported(model, seq_len: int | None = None) -> str | None:
+    """Why the engine cannot run `model` (None if it can): the engine recomputes Llama's decoder layer by hand
+    (pre-norm, RoPE, softmax attention, `residual + o_proj`, pre-norm MLP), so any other computation would give
+    silently wrong scores. Checked: the layer's norms, q/k norms, logit soft-capping, scaled embeddings, sliding windows."""
+    lay = attention_layout(model)
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", type(model).__name__)
+    layer = get_module(model, lay.prefix)[0]
+    extra = [n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)]
+    if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm")) or extra:
+        return f"{kind} decoder layers normalise differently from Llama's ({', '.join(extra) or 'no input_layernorm'})"
+    qk = [n for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]
+    if qk:
+        return f"{kind} attention normalises queries and keys ({', '.join(qk)})"
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, field, None):
+            return f"{kind} soft-caps its logits ({field}={getattr(config, field)})"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and seq_len is not None and seq_len > window:
+        return f"{kind} attends within a sliding window of {window} tokens, shorter than these prompts ({seq_len})"
+    if kind not in ENGINE_MODEL_TYPES:
+        return f"the engine has not been checked against the paper's loop on {kind} models"
+    return None
+
+
+ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"Model types whose decoder layer the engine reproduces (each checked against the paper's loop in the tests)."
+
+
+def _validate(model, group: str, receivers, method: str, seq_len: int | None = None):
     if group not in PATHS:
         raise ValueError(f"unknown group {group!r}; choose from {list(PATHS)}.")
     if method not in ("engine", "naive"):
         raise ValueError(f"method must be 'engine' or 'naive', not {method!r}.")
+    if method == "engine" and (why := engine_unsupported(model, seq_len)):
+        raise EngineUnsupportedError(f"path_patching(method='engine') cannot run this model: {why}. Use "
+                                     "method='naive' (the paper's loop, exact on any architecture, slower).")
     path, lay = PATHS[group], attention_layout(model)
     if path.receivers is not None and receivers is None:
         raise ValueError(f"group {group!r} is scored through the heads of {path.receivers!r}: pass them as receivers.")
     for l, h in receivers or ():
-        lay._check(l, h)
+        lay.check(l, h)
     return path, lay
 
 # %% ../nbs/06_path_patching.ipynb #152186ee
@@ -321,7 +358,7 @@ def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: in
 
 
 @torch.no_grad()
-def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path: Path, receivers) -> torch.Tensor:
+def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path: GroupPath, receivers) -> torch.Tensor:
     "Relative change of the answer probability, per sender `[L, H, b]`, for one chunk of prompts."
     parts = _parts(model)
     lay = parts[0]
@@ -342,7 +379,7 @@ def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path
 
 
 @torch.no_grad()
-def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: Path, receivers) -> torch.Tensor:
+def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: GroupPath, receivers) -> torch.Tensor:
     "The same scores the way the paper computes them: two full forward passes per sender, hooks on every head."
     _check_pair(clean, corrupt)
     lay = attention_layout(model)
@@ -393,7 +430,7 @@ def path_patching(
     cache: PatchingCache | None = None,   # from `patching_cache(model, clean, corrupt)`, to share between groups
 ) -> np.ndarray:
     "Path-patching score of every head as a sender for `group`: `[n_layers, n_heads]`, mean relative change of p(answer)."
-    path, lay = _validate(model, group, receivers, method)
+    path, lay = _validate(model, group, receivers, method, clean.input_ids.shape[1])
     if method == "engine" and cache is None:
         cache = patching_cache(model, clean, corrupt, batch_size)
     chunks = cache.chunks if method == "engine" else list(zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size)))

@@ -266,12 +266,12 @@ class AttentionLayout:
 
     def kv_head(self, head: int) -> int:
         "The key/value head that query head `head` reads."
-        self._check(0, head)
+        self.check(0, head)
         return head // self.group_size
 
     def module(self, layer: int, kind: str) -> str:
         "Dotted name of `kind` in `layer`: 'o' (o_proj), 'q', 'k', 'v' (projections), 'attn', 'mlp', 'block'."
-        self._check(layer, 0)
+        self.check(layer, 0)
         base = f"{self.prefix}.{layer}"
         names = {"o": "self_attn.o_proj", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
                  "v": "self_attn.v_proj", "attn": "self_attn", "mlp": "mlp", "block": ""}
@@ -279,7 +279,8 @@ class AttentionLayout:
             raise ValueError(f"Unknown module kind {kind!r}; use one of {sorted(names)}.")
         return f"{base}.{names[kind]}".rstrip(".")
 
-    def _check(self, layer: int, head: int):
+    def check(self, layer: int, head: int):
+        "Raise a clear IndexError unless `layer` and `head` exist in this model."
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers.")
         if not 0 <= head < self.n_heads:
@@ -288,18 +289,26 @@ class AttentionLayout:
 
 def attention_layout(model: nn.Module) -> AttentionLayout:
     "Find the decoder layers of a Llama-family model (plain, peft-wrapped, ...) and their head sizes."
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) and all(hasattr(b, "self_attn") for b in mod):
             attn = mod[0].self_attn
             cfg = getattr(attn, "config", None)
-            if cfg is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, p)]
+            if missing:
+                fused = [n for n, _ in attn.named_children() if "qkv" in n]
+                raise TypeError(f"{kind} attention has no {', '.join(missing)}"
+                                + (f" (it fuses them in {fused[0]})" if fused else "")
+                                + ": entity_circuits reads and patches heads through separate q_proj, k_proj, v_proj "
+                                  "and o_proj modules, as Llama-family models have them.")
+            if cfg is None:
                 break
             n_heads = cfg.num_attention_heads
             n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
             head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // n_heads
             return AttentionLayout(name, len(mod), n_heads, n_kv, head_dim)
     raise TypeError(
-        f"{type(model).__name__} does not look like a Llama-family model: expected a ModuleList of "
+        f"{type(model).__name__} ({kind}) does not look like a Llama-family model: expected a ModuleList of "
         "decoder blocks, each with self_attn.{q,k,v,o}_proj and a config. entity_circuits supports "
         "LlamaForCausalLM-style models (LLaMA, Vicuna, SmolLM2, ...), optionally wrapped by peft."
     )
@@ -386,7 +395,7 @@ def patch_heads(model: nn.Module, values: Mapping[tuple[int, int], Any], positio
     lay = attention_layout(model)
     by_layer: dict[int, dict[int, Any]] = {}
     for (layer, head), value in values.items():
-        lay._check(layer, head)
+        lay.check(layer, head)
         by_layer.setdefault(layer, {})[head] = value
     if not by_layer:
         yield None
