@@ -108,7 +108,7 @@ def mixing_patch(model, tokenizer, pairs: Sequence[MixingPair], sites: Sequence[
         chunk = pairs[i:i + batch_size]
         orig = encode([p.original for p in chunk], tokenizer, device=device)
         cf = encode([p.counterfactual for p in chunk], tokenizer, device=device)
-        if not torch.equal(orig.last_pos, cf.last_pos):
+        if not torch.equal(orig.attention_mask.sum(1), cf.attention_mask.sum(1)):
             raise ValueError("an original and its counterfactual differ in length: some word is not one token.")
         r = torch.arange(len(chunk), device=device)
         with TraceDict(model, [names[k] for k in sites], retain_input=True, retain_output=False) as td:
@@ -304,14 +304,18 @@ def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites:
                                       objects=usable_objects(tokenizer), labels=usable_labels(tokenizer)),
                                       progress=False))
     whole = (table.position == 0) & chosen
-    for k, v in {**info, "w_pos": float(fitted.w_pos), **dict(zip(("sigma2", "sigma1", "sigma0"),
-                 fitted.sigma.tolist())), **{f"follows {k}": v for k, v in label.items()}}.items():
+    for k, v in {**info, "w_pos": fitted.w_pos.item(), **dict(zip(("sigma2", "sigma1", "sigma0"),
+                 fitted.sigma.detach().tolist())), **{f"follows {k}": v for k, v in label.items()}}.items():
         table.loc[whole, k] = v
     per_pair = at[["pair", "position"]].join(mechanism_probs(at)).reset_index(drop=True)
     return table.assign(model=name, n_boxes=n_boxes, n_layers=len(residual_sites(model)) - 1), per_pair
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-022
-_PER_PAIR: dict = {}   # (model name, n, n_boxes) -> per-pair probabilities at its site, from this process's runs
+def _per_pair(model, tokenizer, n: int, site: int) -> tuple[list[str], pd.DataFrame]:
+    "The pairs' original prompts and the per-pair probability of each mechanism's object at `site`."
+    pairs = _pairs_for(tokenizer, n, 7)
+    at = mixing_patch(model, tokenizer, pairs, [site], progress=False).query("site == @site")
+    return [p.original.prompt for p in pairs], at[["pair"]].join(mechanism_probs(at)).set_index("pair")
 
 
 def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_label: int = 500,
@@ -319,42 +323,40 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
                       max_sites_extra: int = 11) -> dict:
     """`mechanism_table` of every role model (`models`: name -> (model, tokenizer), base first) and of every
     `extra` model (fewer pairs and boxes, at most `max_sites_extra` sites), each through the store as
-    `mechanisms_<short name>`; and `mechanisms_vs_base`, each fine-tune against the first model on the same pairs."""
+    `mechanisms_<short name>`; and `mechanisms_vs_base`: each fine-tune against the first model on the same pairs
+    (checked prompt by prompt), each model at its own site."""
     out = {}
+
     def one(name, model, tok, kw):
-        def compute():
-            table, per_pair = mechanism_table(model, tok, name=name, **kw)
-            _PER_PAIR[name, kw["n"], kw["n_boxes"]] = per_pair
-            return table
         short = name.removeprefix("organism-")
-        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", compute, dict(kw, seed=MIXING_SEED,
-                                            label_seed=TEST_SEED), [name], root)
-    kw = dict(n=n, n_boxes=7, max_sites=None, n_label=n_label)
+        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", lambda: mechanism_table(model, tok, name=name, **kw)[0],
+                                            dict(kw, seed=MIXING_SEED, label_seed=TEST_SEED), [name], root)
     for name, (model, tok) in models.items():
-        one(name, model, tok, kw)
+        one(name, model, tok, dict(n=n, n_boxes=7, max_sites=None, n_label=n_label))
     for name, (model, tok) in (extra or {}).items():
         one(name, model, tok, dict(n=n_extra, n_boxes=extra_boxes, max_sites=max_sites_extra, n_label=n_extra))
     names = list(models)
     if len(names) > 1:
+        site = {m: int(out[f"mechanisms_{m.removeprefix('organism-')}"].query("chosen and position == 0").site.iloc[0])
+                for m in names}
+
         def vs_base():
+            prompts, probs = zip(*(_per_pair(*models[m], n, site[m]) for m in names))
+            if any(p != prompts[0] for p in prompts):
+                raise ValueError("the models' tokenizers give different counterfactual pairs; compare models that "
+                                 "share a vocabulary.")
             rows = []
-            per = {}
-            for m in names:   # per-pair probabilities at each model's stored site (recomputed if not in memory)
-                if (m, n, 7) not in _PER_PAIR:
-                    site = int(out[f"mechanisms_{m.removeprefix('organism-')}"].query("chosen and position == 0").site.iloc[0])
-                    model, tok = models[m]
-                    at = mixing_patch(model, tok, _pairs_for(tok, n, 7), [site], progress=False).query("site == @site")
-                    _PER_PAIR[m, n, 7] = at[["pair"]].join(mechanism_probs(at)).reset_index(drop=True)
-                per[m] = _PER_PAIR[m, n, 7]
-            for m in names[1:]:
+            for m, p in zip(names[1:], probs[1:]):
                 for mech in ("positional", "lexical"):
-                    d = per[m][f"p {mech}"].to_numpy() - per[names[0]][f"p {mech}"].to_numpy()
+                    d = (p[f"p {mech}"] - probs[0][f"p {mech}"]).to_numpy()
                     lo, hi = bootstrap_ci(d)
-                    rows.append(dict(model=m, base=names[0], mechanism=mech, delta=d.mean(), ci_low=lo, ci_high=hi, n=n))
+                    rows.append(dict(model=m, base=names[0], site=site[m], base_site=site[names[0]], mechanism=mech,
+                                     delta=d.mean(), ci_low=lo, ci_high=hi, n=n))
             return pd.DataFrame(rows)
-        out["mechanisms_vs_base"] = cached("mechanisms_vs_base", vs_base, dict(n=n, n_boxes=7, seed=MIXING_SEED),
-                                           names, root)
+        out["mechanisms_vs_base"] = cached("mechanisms_vs_base", vs_base,
+                                           dict(n=n, n_boxes=7, seed=MIXING_SEED, base=names[0], sites=site), names, root)
     return out
+
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-024
 def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 300, steps: int | None = None,
@@ -407,11 +409,14 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
 
 def stored_trajectory(role: str, circuit, heads_by_group: Mapping, root=None, n: int = 300,
                       steps: int | None = None) -> pd.DataFrame:
-    "`fine_tune_trajectory` of `role` through the results store (`trajectory_<role>`)."
+    "`fine_tune_trajectory` of `role` through the results store (`trajectory_<role>`; the key holds the recipe re-run)."
+    from entity_circuits.models import MANIFEST_NAME, organisms_dir
+    manifest = json.loads((organisms_dir() / MANIFEST_NAME).read_text())
     heads = {g: [list(h) for h in hs] for g, hs in heads_by_group.items()}
     return cached(f"trajectory_{role}", lambda: fine_tune_trajectory(role, circuit, heads_by_group, n, steps, False),
                   dict(role=role, circuit=circuit.to_dict(), heads_by_group=heads, n=n, steps=steps, seed=TEST_SEED,
-                       mixing_seed=MIXING_SEED), ["organism-base", f"organism-{role}"], root)
+                       mixing_seed=MIXING_SEED, recipe=manifest["recipe"], lr=manifest["fine_tuning"]["chosen_lr"][role],
+                       torch=torch.__version__), ["organism-base", f"organism-{role}"], root)
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-027
 PAPER_MIXING_GEMMA = pd.DataFrame({
