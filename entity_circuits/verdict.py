@@ -217,7 +217,7 @@ def claim_positional(root=None) -> dict:
     if smol is not None and {"chosen", "position"} <= set(smol.columns):
         r = smol[smol.chosen & (smol.position == 0)].iloc[0]
         row["SmolLM2"] += (f"; its own retrieval ({int(r.n_boxes)} boxes): positional {r['p positional']:.2f}, "
-                           f"lexical {r['p lexical']:.2f}, reflexive {r['p reflexive']:.2f}")
+                           f"lexical {r['p lexical']:.2f}, reflexive {r['p reflexive']:.2f} (chance {1 / r.n_boxes:.2f})")
     t = load_result("mechanisms_vs_base", root)
     if t is None or not {"model", "mechanism", "delta", "ci_low", "ci_high"} <= set(t.columns):
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
