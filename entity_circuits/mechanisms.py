@@ -281,11 +281,15 @@ def _pairs_for(tokenizer, n: int, n_boxes: int) -> list[MixingPair]:
     return mixing_pairs(n, n_boxes, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
 
 
+def _test_prompts(tokenizer, n: int, n_boxes: int = 7) -> list[BoxesExample]:
+    "The accuracy chapter's held-out prompts (seed `TEST_SEED`) from the words `tokenizer` has as single tokens."
+    return sample_boxes(n, n_boxes, seed=TEST_SEED, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
+
+
 def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites: int | None = None,
-                    n_label: int = 500, name: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One model's measurements: a table of shares and mean probabilities per site and position asked about
-    (1-based; 0: all pairs), with the fitted model's probabilities and fit statistics at the chosen site and the
-    label patch's shares; and the per-pair probabilities at the chosen site (for paired comparisons)."""
+                    n_label: int = 500, name: str = "") -> pd.DataFrame:
+    """One model's measurements: shares and mean probabilities per site and position asked about (1-based; 0: all
+    pairs), with the fitted model's probabilities and fit statistics at the chosen site and the label patch's shares."""
     pairs = _pairs_for(tokenizer, n, n_boxes)
     sites = _sites(len(residual_sites(model)), max_sites)
     patched = mixing_patch(model, tokenizer, pairs, sites, progress=False)
@@ -300,15 +304,12 @@ def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites:
     chosen = table.site == site
     table = table.assign(chosen=chosen).merge(fit, left_on="position", right_index=True, how="left")
     table.loc[~chosen, fit.columns] = np.nan
-    label = follow_shares(label_patch(model, tokenizer, sample_boxes(n_label, n_boxes, seed=TEST_SEED,
-                                      objects=usable_objects(tokenizer), labels=usable_labels(tokenizer)),
-                                      progress=False))
+    label = follow_shares(label_patch(model, tokenizer, _test_prompts(tokenizer, n_label, n_boxes), progress=False))
     whole = (table.position == 0) & chosen
     for k, v in {**info, "w_pos": fitted.w_pos.item(), **dict(zip(("sigma2", "sigma1", "sigma0"),
                  fitted.sigma.detach().tolist())), **{f"follows {k}": v for k, v in label.items()}}.items():
         table.loc[whole, k] = v
-    per_pair = at[["pair", "position"]].join(mechanism_probs(at)).reset_index(drop=True)
-    return table.assign(model=name, n_boxes=n_boxes, n_layers=len(residual_sites(model)) - 1), per_pair
+    return table.assign(model=name, n_boxes=n_boxes, n_layers=len(residual_sites(model)) - 1)
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-022
 def _per_pair(model, tokenizer, n: int, site: int) -> tuple[list[str], pd.DataFrame]:
@@ -329,7 +330,7 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
 
     def one(name, model, tok, kw):
         short = name.removeprefix("organism-")
-        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", lambda: mechanism_table(model, tok, name=name, **kw)[0],
+        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", lambda: mechanism_table(model, tok, name=name, **kw),
                                             dict(kw, seed=MIXING_SEED, label_seed=TEST_SEED), [name], root)
     for name, (model, tok) in models.items():
         one(name, model, tok, dict(n=n, n_boxes=7, max_sites=None, n_label=n_label))
@@ -384,7 +385,7 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
                   on_eval=lambda step, m: snapshots.__setitem__(step, copy.deepcopy(m).eval()))
     finally:
         torch.set_num_threads(threads)
-    examples = sample_boxes(n, 7, seed=TEST_SEED, objects=usable_objects(tok), labels=usable_labels(tok))
+    examples = _test_prompts(tok, n)
     pairs = _pairs_for(tok, n, 7)
     shipped, _ = load_model(f"organism-{role}")
     batch = encode(examples[:50], tok)
@@ -425,7 +426,8 @@ PAPER_MIXING_GEMMA = pd.DataFrame({
     "top lexical": [0.0, .121, .391, .538, .547, .576, .627, .585, .489, .412],
     "top other": [0.0, .390, .361, .340, .353, .298, .261, .333, .418, .446]})
 """Gemma-2-2b-it on the boxes task with 20 entities (layer 18, argmax shares by the position asked about, 1-based):
-the saved output of `example.ipynb` in the authors' repository (yoavgur/mixing-mechs); cited, not computed here.
+the saved output of `example.ipynb` in the authors' repository (yoavgur/mixing-mechs; the paper is arXiv 2510.06182);
+cited, not computed here.
 Reflexive stays under 0.05 there. No per-position table for Llama or Qwen is published as data."""
 
 
