@@ -7,11 +7,6 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
-# glibc: keep freed memory instead of returning it to the kernel after every forward pass. Code that keeps
-# activations alive otherwise takes fresh pages each pass; benchmarks/patching.py measured a plain forward pass
-# on 100 prompts at 158 ms with glibc's defaults and 115 ms with these (see benchmarks/README.md).
-export MALLOC_MMAP_THRESHOLD_ := 268435456
-export MALLOC_TRIM_THRESHOLD_ := 1073741824
 # Figures as reproducible files: SVGs without a creation date and with ids from a fixed salt (./matplotlibrc), so a
 # figure redrawn from an unchanged table is byte-identical and a run leaves the committed results/ clean.
 export SOURCE_DATE_EPOCH := 0

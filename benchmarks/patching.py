@@ -14,8 +14,9 @@ of the next group, and the naive loops are then given the SAME receivers. The ru
 methods' scores differ by 1e-5 or more; timings and ratios are printed, never asserted.
 
 The hook overhead (a forward pass under `TraceDict(every o_proj, retain_input=True)` against a plain one) is
-measured in two more fresh workers: one with glibc's default malloc settings, one with glibc told to keep freed
-memory (`GLIBC_TUNED`), because on a full batch the retained activations otherwise cost page faults, not hooks.
+measured in two more fresh workers: one with glibc's default malloc settings (`ENTITY_CIRCUITS_MALLOC=default`),
+one as a user gets it, with the settings `entity_circuits.tracing` makes at import (`keep_freed_memory`): on a
+full batch, under glibc's defaults, the retained activations cost page faults, not hooks.
 `--save FILE` writes every number printed to a JSON file (the path-patching chapter shows
 `benchmarks/results/patching.json`).
 """
@@ -39,9 +40,9 @@ TOLERANCE = 1e-5
 METHODS = ("naive", "nnsight", "engine")
 EXTRA_GROUPS = ("pos_detector", "struct_reader")   # re-run with every last-layer head as a receiver (see worker)
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-GLIBC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-ALLOCATORS = {"glibc defaults": {}, "glibc tuned": GLIBC_TUNED}   # the hook-overhead workers' malloc settings
-SPEED_TARGET, HOOK_TARGET = 10.0, 1.05                           # the issue's targets: engine >= 10x, hooks <= 1.05x
+# the hook-overhead workers' environments (glibc's own MALLOC_* variables are removed from both)
+ALLOCATORS = {"glibc defaults": {"ENTITY_CIRCUITS_MALLOC": "default"}, "as imported": {}}
+SPEED_TARGET, HOOK_TARGET = 10.0, 1.02                           # the issues' targets: engine >= 10x, hooks <= 1.02x
 DEFAULT_SAVE = HERE / "results" / "patching.json"
 
 
@@ -261,6 +262,8 @@ def hooks_worker(workdir: Path, batch_size: int, reps: int, tag: str):
         after = resource.getrusage(resource.RUSAGE_SELF)
         passes = 4 * (r + 3)                           # every arm, warm-up turns included
         h["minflt_per_pass"] = (after.ru_minflt - before.ru_minflt) / passes
+        from entity_circuits.tracing import MALLOC
+        h["malloc"] = MALLOC                           # what the package's import did to the allocator
         rows.append(h)
     (workdir / f"result_hooks_{tag}.json").write_text(json.dumps(rows))
 
@@ -376,6 +379,7 @@ def main(argv=None):
     import torch
     from entity_circuits.models import load_model
     from entity_circuits.path_patching import GROUPS, discovery_prompts
+    from entity_circuits.tracing import MALLOC_SETTINGS
 
     model, tok = load_model("organism-base")
     clean, corrupt = discovery_prompts(model, tok, n=n, seed=0)
@@ -447,7 +451,8 @@ def main(argv=None):
     print("\nhook overhead: forward pass under TraceDict(every o_proj, retain_input=True) / plain forward pass "
           "(median of per-turn ratios; 'with' times entering and leaving the TraceDict too, 'registered' only "
           "the pass; 'control' is a plain pass over another plain pass: the noise floor), each allocator in its "
-          f"own fresh worker ('glibc tuned' = {' '.join(f'{k}={v}' for k, v in GLIBC_TUNED.items())})")
+          f"own fresh worker ('as imported' = what `import entity_circuits.tracing` sets: "
+          f"{', '.join(f'{k}={v}' for k, (_, v) in MALLOC_SETTINGS.items())}; 'glibc defaults' = ENTITY_CIRCUITS_MALLOC=default)")
     print("| malloc | prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
           "| ratio control | cost with (us) | cost registered (us) | page faults / pass |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -478,7 +483,8 @@ def main(argv=None):
             "command": "benchmarks/patching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d"), "setup": setup, "machine": _machine(), "n_prompts": n,
             "torch": torch.__version__, "results": results, "receivers": receivers, "max_abs_difference": diffs,
-            "scores_identical": ok, "tolerance": TOLERANCE, "hooks": hooks, "glibc_tuned": GLIBC_TUNED,
+            "scores_identical": ok, "tolerance": TOLERANCE, "hooks": hooks,
+            "malloc_settings": {k: v for k, (_, v) in MALLOC_SETTINGS.items()},
             "load_average": load, "targets": {"speedup": SPEED_TARGET, "hook_ratio": HOOK_TARGET}}, indent=1) + "\n")
         print(f"saved: {args.save}")
 

@@ -250,7 +250,7 @@ def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds:
         return out
 
     def restore(z, name):
-        l = int(name[len(lay.prefix) + 1:].split(".", 1)[0])
+        l = lay.layer_of(name)
         mine = torch.zeros_like(keys)
         mine[ar, pos] = True                                                # keep the patched heads at `pos` only
         z, old = z.clone(), split_heads(clean.get(l, "o").to(z), lay.n_heads)

@@ -229,9 +229,12 @@ class _Located:
     query_pos: int
 
 
-def _locate(ex: BoxesExample, ids: Sequence[int], offsets, unk_id, answer_of: dict[str, int]):
-    "Token index of every word of `ex` (unpadded), or None; plus the problems found, keyed (word, role)."
+def _locate(ex: BoxesExample, ids: Sequence[int], offsets, unk_id, answer_of: dict[str, int], prefix: str = ""):
+    "Token index of every word of `prefix + ex.prompt` (unpadded), or None; plus the problems found, keyed (word, role)."
     text, object_spans, label_spans, query_span = _render(ex.objects, ex.labels, ex.query)
+    text, shift = prefix + text, len(prefix)
+    object_spans, label_spans = [(a + shift, b + shift) for a, b in object_spans], [(a + shift, b + shift) for a, b in label_spans]
+    query_span = (query_span[0] + shift, query_span[1] + shift)
     problems: dict[tuple[str, str], str] = {}
 
     def find(word: str, role: str, span: tuple[int, int]) -> int | None:
@@ -269,14 +272,14 @@ def _as_list(items, cls) -> list:
     return items
 
 
-def _analyse(examples: Sequence[BoxesExample], tokenizer):
-    "Tokenize `examples` (special tokens included) and locate every word; nothing raised for bad words."
+def _analyse(examples: Sequence[BoxesExample], tokenizer, prefix: str = ""):
+    "Tokenize `prefix + prompt` of `examples` (special tokens included) and locate every word; nothing raised for bad words."
     _require_fast(tokenizer)
-    enc = tokenizer([ex.prompt for ex in examples], add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer([prefix + ex.prompt for ex in examples], add_special_tokens=True, return_offsets_mapping=True)
     words = sorted({o for ex in examples for o in ex.objects})
     answer_of = dict(zip(words, _first_token_ids(tokenizer, [" " + w for w in words])))
     unk = getattr(tokenizer, "unk_token_id", None)
-    located = [_locate(ex, ids, offs, unk, answer_of)
+    located = [_locate(ex, ids, offs, unk, answer_of, prefix)
                for ex, ids, offs in zip(examples, enc["input_ids"], enc["offset_mapping"])]
     return enc["input_ids"], located, answer_of
 
@@ -314,13 +317,14 @@ def encode(
     tokenizer,  # a fast (Rust-backed) Hugging Face tokenizer
     padding_side: str = "left",  # "left" or "right"
     device: str | torch.device | None = None,
+    prefix: str = "",  # text before every prompt, e.g. a chat template's turns (the prompt itself is unchanged)
 ) -> BoxesBatch:
     """Tokenize `examples` with `tokenizer` (special tokens included, e.g. BOS) and compute every
     token position from the offsets; raises `MultiTokenWordError` if any object or label is not one token."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     examples = _as_list(examples, BoxesExample)
-    all_ids, located, answer_of = _analyse(examples, tokenizer)
+    all_ids, located, answer_of = _analyse(examples, tokenizer, prefix)
     problems = {k: v for _, found in located for k, v in found.items()}
     if problems:
         raise MultiTokenWordError(problems)

@@ -28,16 +28,16 @@ __all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'RETENTION', 'PAPER_EFFECT', 'pred
 @torch.no_grad()
 def predictions(model, tokenizer, examples: Sequence[BoxesExample], batch_size: int = 50,
                 desc: str | None = None, progress: bool = True,
-                intervene: Callable | None = None, restrict: bool = False) -> np.ndarray:
+                intervene: Callable | None = None, restrict: bool = False, prefix: str = "") -> np.ndarray:
     """Per-prompt correctness (bool array) of the top-1 next token at the last position. `intervene(batch)`, if
     given, returns a context manager that each batch's forward pass runs in (e.g. `patch_heads(...)`).
     `restrict`: the top-1 among the objects in the prompt's own context only (is a miss a lost lookup, or a
-    shifted output prior?)."""
+    shifted output prior?). `prefix`: text before every prompt (see `encode`), e.g. a chat template's turns."""
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, len(examples), batch_size), desc=desc or "accuracy",
                   disable=not progress or progress_disabled(), leave=False):
-        b = encode(examples[i:i + batch_size], tokenizer, device=device)
+        b = encode(examples[i:i + batch_size], tokenizer, device=device, prefix=prefix)
         with intervene(b) if intervene is not None else contextlib.nullcontext():
             logits = model(**b.model_inputs()).logits
         last = logits[torch.arange(len(b), device=device), b.last_pos]

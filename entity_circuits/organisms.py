@@ -801,6 +801,16 @@ def _replicate_job(out: str, name: str, lr: float, recipe: OrganismRecipe, repli
 REPLICATES_CSV = "curves/replicates.csv"
 
 
+def _run_jobs(fn: Callable, jobs: Sequence[tuple], workers: int = 1) -> list:
+    "`[fn(*job) for job in jobs]`, in `workers` spawned processes when `workers > 1` (same results, same order)."
+    if workers <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
+
+
 def fine_tune_replicates(out: str | os.PathLike, recipe: OrganismRecipe, lrs: Mapping[str, float],
                          replicates: Sequence[int], workers: int = 1, invocation: str | None = None) -> pd.DataFrame:
     """Replicates of every role's fine-tune (`FINE_TUNES`) of the base in `out`, each at `lrs[role]` (the shipped
@@ -812,13 +822,7 @@ def fine_tune_replicates(out: str | os.PathLike, recipe: OrganismRecipe, lrs: Ma
     if missing:
         raise ValueError(f"no learning rate for {sorted(missing)}; give one per role in {sorted(FINE_TUNES)}.")
     jobs = [(str(out), role, float(lrs[role]), recipe, int(r)) for r in replicates for role in FINE_TUNES]
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows = list(pool.map(_replicate_job, *zip(*jobs)))
-    else:
-        rows = [_replicate_job(*job) for job in jobs]
+    rows = _run_jobs(_replicate_job, jobs, workers)
     path = out / REPLICATES_CSV
     old = pd.read_csv(path, dtype={"boxes_outcomes": str}) if path.exists() else pd.DataFrame()
     if old.empty:
@@ -875,13 +879,7 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
         table = [{"organism": "base", **evaluate_organism(base, tokenizer, recipe)}]
         jobs = [(str(out), name, lr, recipe) for name in designs
                 for lr in (recipe.ft_lora_lrs if DESIGNS[name].lora else recipe.ft_lrs)]
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = list(pool.map(_design_job, *zip(*jobs)))
-        else:
-            results = [_design_job(*job) for job in jobs]
+        results = _run_jobs(_design_job, jobs, workers)
         for final, rows in results:
             table.append(final)
             ft_rows += rows

@@ -404,7 +404,7 @@ def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: GroupPath,
                 logits = model(**inputs).logits                      # step 1
             if path.receivers is not None:
                 def edit(x, name):                                    # step 2: receivers' inputs from step 1
-                    l = int(name[len(lay.prefix) + 1:].split(".", 1)[0])
+                    l = lay.layer_of(name)
                     x, new = x.clone(), td[name].output
                     n = lay.n_heads if path.receiver_kind == "q" else lay.n_kv_heads
                     xs, ns = split_heads(x, n), split_heads(new, n)

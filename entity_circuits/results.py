@@ -153,8 +153,12 @@ def _jsonable(x):
 
 
 def _code_module(compute) -> str | None:
-    "The package module `compute` is defined in (through `functools.partial`), or None if it is not the package's."
-    module = getattr(getattr(compute, "func", compute), "__module__", None) or ""
+    """The package module `compute` is defined in (through `functools.partial`; a chapter's exported definition
+    through `_exported_module`), or None if it is not the package's."""
+    fn = getattr(compute, "func", compute)
+    module = getattr(fn, "__module__", None) or ""
+    if module == "__main__":
+        return _exported_module(fn)
     return module if module.startswith("entity_circuits.") else None
 
 
@@ -215,6 +219,23 @@ def cached(name: str, compute: Callable[[], pd.DataFrame], params: dict, models:
     _atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())   # ... the JSON commits it
     _log.info("%s: computed in %.1f s", name, info["seconds"])
     return pd.read_csv(csv)
+
+# %% ../nbs/00_results.ipynb #expmod01
+def _exported_module(fn) -> str | None:
+    """The package module that exports `fn`'s outermost function (for a lambda or closure, the function it was
+    made in) with the same source, letter for letter; None if there is none, or the sources differ."""
+    import importlib, inspect, sys
+    from entity_circuits._modidx import d
+    outer = getattr(fn, "__qualname__", "").split(".<locals>")[0]
+    mine = getattr(sys.modules.get(fn.__module__), outer, None) if outer != getattr(fn, "__qualname__", "") else fn
+    for module, syms in d["syms"].items():
+        if f"{module}.{outer}" in syms:
+            try:
+                theirs = getattr(importlib.import_module(module), outer)
+                return module if mine is not None and inspect.getsource(mine) == inspect.getsource(theirs) else None
+            except (OSError, TypeError, AttributeError):
+                return None
+    return None
 
 # %% ../nbs/00_results.ipynb #957dd2cb
 def save_figure(fig, name: str, root: str | os.PathLike | None = None, dpi: int = 150) -> list[Path]:

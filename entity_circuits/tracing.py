@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['tiny_llama', 'get_module', 'StopForward', 'Trace', 'TraceDict', 'AttentionLayout', 'attention_layout', 'split_heads',
-           'merge_heads', 'capture_heads', 'patch_heads']
+__all__ = ['MALLOC_ENV', 'MALLOC_SETTINGS', 'MALLOC', 'tiny_llama', 'get_module', 'StopForward', 'Trace', 'TraceDict',
+           'keep_freed_memory', 'AttentionLayout', 'attention_layout', 'split_heads', 'merge_heads', 'capture_heads',
+           'patch_heads']
 
 # %% ../nbs/01_tracing.ipynb #1f23f21b
 _TINY_LLAMA_SETS = {"hidden_size": "n_heads * head_dim", "intermediate_size": "2 * n_heads * head_dim",
@@ -249,6 +250,31 @@ class TraceDict(dict, contextlib.AbstractContextManager):
         self.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
 
+# %% ../nbs/01_tracing.ipynb #malloc02
+MALLOC_ENV = "ENTITY_CIRCUITS_MALLOC"
+MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": (-3, 256 << 20), "M_TRIM_THRESHOLD": (-1, 1 << 30)}  # mallopt's numbers, bytes
+_GLIBC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory(environ: Mapping[str, str] | None = None) -> str:
+    """Set glibc's `MALLOC_SETTINGS` in this process, unless `environ` (default `os.environ`) opts out; returns what
+    happened: "set", or why not ("opted out", "glibc variables set", "not glibc", "mallopt refused")."""
+    import ctypes, os, platform, sys
+    env = os.environ if environ is None else environ
+    if env.get(MALLOC_ENV, "") == "default":
+        return "opted out"
+    if any(v in env for v in _GLIBC_VARS):
+        return "glibc variables set"
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    libc = ctypes.CDLL("libc.so.6")
+    ok = [libc.mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.values()]
+    return "set" if all(ok) else "mallopt refused"
+
+
+MALLOC = keep_freed_memory()
+"What importing the package did to glibc's allocator (see `keep_freed_memory`)."
+
 # %% ../nbs/01_tracing.ipynb #c414fda1
 @dataclass(frozen=True)
 class AttentionLayout:
@@ -278,6 +304,12 @@ class AttentionLayout:
         if kind not in names:
             raise ValueError(f"Unknown module kind {kind!r}; use one of {sorted(names)}.")
         return f"{base}.{names[kind]}".rstrip(".")
+
+    def layer_of(self, name: str) -> int:
+        "The layer of a module name inside the decoder layers (the inverse of `module`), e.g. 1 for '...layers.1.mlp'."
+        if not name.startswith(self.prefix + "."):
+            raise ValueError(f"{name!r} is not inside the decoder layers {self.prefix!r}.")
+        return int(name[len(self.prefix) + 1:].split(".", 1)[0])
 
     def check(self, layer: int, head: int):
         "Raise a clear IndexError unless `layer` and `head` exist in this model."
@@ -402,7 +434,7 @@ def patch_heads(model: nn.Module, values: Mapping[tuple[int, int], Any], positio
         return
 
     def edit(x: torch.Tensor, name: str) -> torch.Tensor:
-        layer = int(name[len(lay.prefix) + 1 :].split(".", 1)[0])
+        layer = lay.layer_of(name)
         x = x.clone()  # never write into a tensor someone else may hold
         heads = split_heads(x, lay.n_heads)
         idx = _index(x, positions)
