@@ -183,16 +183,19 @@ def _nnsight_chunk(nm, clean, corrupt, path, receivers, L: int, H: int):
 
 
 # ----------------------------------------------------------------------------------------------- workers
-def worker(method: str, workdir: Path, batch_size: int):
-    "Run one method on the saved prompts, in this (fresh) process; write its scores, time and peak memory."
+def worker(method: str, workdir: Path, batch_size: int, model_name: str = "organism-base",
+           groups: tuple = ()):
+    """Run one method on the saved prompts, in this (fresh) process; write its scores, time and peak memory.
+    `groups`: the groups to run, in the paper's order (default all four, then the `EXTRA_GROUPS` runs)."""
     _single_thread()
     import numpy as np
     import torch
     from entity_circuits.models import load_model
     from entity_circuits.path_patching import GROUPS
 
-    model, _ = load_model("organism-base")
+    model, _ = load_model(model_name)
     clean, corrupt = _load_batches(workdir / "prompts.pt")
+    groups = tuple(groups) or GROUPS
     with torch.no_grad():                              # warm-up: first-call costs are nobody's
         model(**next(_chunks(clean, 2)).model_inputs())
     if method == "nnsight":
@@ -219,7 +222,7 @@ def worker(method: str, workdir: Path, batch_size: int):
         cache = patching_cache(model, clean, corrupt, batch_size)
         group_time["cache"] = time.perf_counter() - t0
     recv = None
-    for i, g in enumerate(GROUPS):
+    for i, g in enumerate(groups):
         if method != "engine" and i > 0:
             recv = [tuple(h) for h in given[GROUPS[i - 1]]]
         t = time.perf_counter()
@@ -234,7 +237,7 @@ def worker(method: str, workdir: Path, batch_size: int):
     # that the value-input paths (at the query and previous-query positions) are compared on non-zero scores.
     cfg = model.config
     every_last = [(cfg.num_hidden_layers - 1, h) for h in range(cfg.num_attention_heads)]
-    for g in EXTRA_GROUPS:
+    for g in (EXTRA_GROUPS if groups == GROUPS else ()):
         t = time.perf_counter()
         scores[g + "*"] = run(g, every_last, cache)
         group_time[g + "*"] = time.perf_counter() - t
@@ -356,6 +359,12 @@ def main(argv=None):
     ap.add_argument("--nnsight-python", type=Path, default=NNSIGHT_PYTHON,
                     help="Python of a venv with nnsight and this package (default benchmarks/.venv-nnsight)")
     ap.add_argument("--skip-nnsight", action="store_true", help="benchmark without the nnsight loop")
+    ap.add_argument("--model", default="organism-base",
+                    help="a registered model (default organism-base; e.g. smollm2-135m-instruct, 30 layers x 9 heads): "
+                         "other models than the base organism get seeded 7-box prompts of their usable words, "
+                         "answered correctly or not (the sweep is timed, the scores compared)")
+    ap.add_argument("--groups", nargs="+", default=None, help="groups to run, in the paper's order (default all four)")
+    ap.add_argument("--skip-hooks", action="store_true", help="do not measure the hook overhead")
     ap.add_argument("--save", type=Path, nargs="?", const=DEFAULT_SAVE, default=None,
                     help=f"write every number to this JSON file (default {DEFAULT_SAVE.relative_to(HERE.parent)})")
     ap.add_argument("--worker", choices=METHODS + ("hooks",), help=argparse.SUPPRESS)
@@ -367,7 +376,7 @@ def main(argv=None):
     if args.worker == "hooks":
         return hooks_worker(args.workdir, args.batch_size, reps, args.tag)
     if args.worker:
-        return worker(args.worker, args.workdir, args.batch_size)
+        return worker(args.worker, args.workdir, args.batch_size, args.model, tuple(args.groups or ()))
 
     methods = [m for m in ("engine", "naive", "nnsight") if not (m == "nnsight" and args.skip_nnsight)]
     if "nnsight" in methods and not args.nnsight_python.exists():
@@ -381,11 +390,20 @@ def main(argv=None):
     from entity_circuits.path_patching import GROUPS, discovery_prompts
     from entity_circuits.tracing import MALLOC_SETTINGS
 
-    model, tok = load_model("organism-base")
-    clean, corrupt = discovery_prompts(model, tok, n=n, seed=0)
+    groups = tuple(args.groups or GROUPS)
+    if [g for g in GROUPS if g in groups] != list(groups):
+        raise SystemExit(f"--groups must be names of {GROUPS}, in that order; got {list(groups)}")
+    model, tok = load_model(args.model)
+    if args.model == "organism-base":
+        clean, corrupt = discovery_prompts(model, tok, n=n, seed=0)
+    else:
+        from entity_circuits.data import corrupt_for_path_patching, encode, sample_boxes, usable_labels, usable_objects
+        words = dict(objects=usable_objects(tok), labels=usable_labels(tok))
+        examples = sample_boxes(n, 7, seed=0, **words)
+        clean, corrupt = encode(examples, tok), encode(corrupt_for_path_patching(examples, seed=1, **words), tok)
     cfg = model.config
-    setup = (f"organism-base ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), {n} prompts of "
-             f"{clean.input_ids.shape[1]} tokens, batch size {args.batch_size}, 4 groups, every head a sender; "
+    setup = (f"{args.model} ({cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads), {n} prompts of "
+             f"{clean.input_ids.shape[1]} tokens, batch size {args.batch_size}, {len(groups)} group(s), every head a sender; "
              f"torch {torch.__version__}, {torch.get_num_threads()} thread, {_machine()}")
     print(setup, flush=True)
 
@@ -396,17 +414,18 @@ def main(argv=None):
         for m in methods:                                # the engine first: it picks every group's receivers
             print(f"running {m} ...", flush=True)
             python = args.nnsight_python if m == "nnsight" else Path(sys.executable)
-            results[m] = _run_worker(python, m, workdir, args.batch_size)
+            results[m] = _run_worker(python, m, workdir, args.batch_size,
+                                     ("--model", args.model, "--groups", *groups))
             with np.load(workdir / f"scores_{m}.npz") as f:
                 scores[m] = {g: f[g] for g in f.files}
         receivers = json.loads((workdir / "receivers.json").read_text())
-        for i, (name, env) in enumerate(ALLOCATORS.items()):
+        for i, (name, env) in enumerate(() if args.skip_hooks else ALLOCATORS.items()):
             print(f"running hook overhead ({name}) ...", flush=True)
             hooks[name] = _run_worker(Path(sys.executable), "hooks", workdir, args.batch_size,
                                       ("--hook-reps", str(reps), "--tag", str(i)), env, f"result_hooks_{i}.json")
 
     print("\nreceivers (found by the engine, given to every method):")
-    for g in GROUPS:
+    for g in groups:
         print(f"  {g:16s} {[tuple(h) for h in receivers[g]]}")
 
     eng = results["engine"]
@@ -427,7 +446,7 @@ def main(argv=None):
 
     print("\nper group (s); * = not in the timed run above: C and D again with every head of the last layer as "
           "a receiver, so that their paths are compared on non-zero scores")
-    cols = ["cache"] + list(GROUPS) + [g + "*" for g in EXTRA_GROUPS]
+    cols = ["cache"] + list(groups) + [g + "*" for g in (EXTRA_GROUPS if groups == GROUPS else ())]
     print("| method | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for m in ("naive", "nnsight", "engine"):
@@ -482,6 +501,7 @@ def main(argv=None):
         args.save.write_text(json.dumps({
             "command": "benchmarks/patching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d"), "setup": setup, "machine": _machine(), "n_prompts": n,
+            "model": args.model, "groups": list(groups),
             "torch": torch.__version__, "results": results, "receivers": receivers, "max_abs_difference": diffs,
             "scores_identical": ok, "tolerance": TOLERANCE, "hooks": hooks,
             "malloc_settings": {k: v for k, (_, v) in MALLOC_SETTINGS.items()},

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesExample, encode, sample_boxes
+from .data import BoxesExample, encode, sample_boxes, sample_usable
 from .evaluate import bootstrap_ci, predictions, ratio_ci
 from .models import progress_disabled
 from .path_patching import GROUPS, Circuit, discover_circuit, discovery_prompts
@@ -25,7 +25,8 @@ from .zoo import TEST_SEED, Zoo
 __all__ = ['MEANS_SEED', 'POSITIONS', 'PAPER_TABLE1', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
            'evaluate_circuit', 'zoo_means', 'minimality', 'prune', 'circuit_table', 'circuit_from_table',
            'find_circuit_stored', 'stored_circuit', 'need_circuit', 'circuit_in_models', 'stored_table1', 'overlap',
-           'stored_cross_circuit', 'completeness', 'stored_completeness', 'attention_pattern', 'plot_circuit']
+           'stored_cross_circuit', 'completeness', 'stored_completeness', 'plot_completeness', 'head_grids',
+           'attention_pattern', 'plot_circuit']
 
 # %% ../nbs/07_circuit.ipynb #d6608934
 MEANS_SEED = 123_456
@@ -34,8 +35,8 @@ MEANS_SEED = 123_456
 
 @torch.no_grad()
 def head_means(model, tokenizer, n: int = 500, n_boxes: int = 7, seed: int = MEANS_SEED, batch_size: int = 100):
-    "Mean output of every head at every position over `n` prompts: `[n_layers, seq, n_heads, head_dim]`."
-    prompts, total, count = sample_boxes(n, n_boxes, seed=seed), None, 0
+    "Mean output of every head at every position over `n` prompts (of the tokenizer's usable words): `[n_layers, seq, n_heads, head_dim]`."
+    prompts, total, count = sample_usable(tokenizer, n, n_boxes, seed), None, 0
     for i in range(0, n, batch_size):
         b = encode(prompts[i:i + batch_size], tokenizer, device=next(model.parameters()).device)
         z = capture_heads(model, b, "o").sum(1)
@@ -157,9 +158,10 @@ def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_ra
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_circuit.ipynb #zoomean1
-def zoo_means(zoo: Zoo, name: str) -> torch.Tensor:
-    "`head_means` of a zoo's model (`Config.n_means` prompts, seed `MEANS_SEED`), computed once per zoo."
-    return zoo.memo(("head_means", name), lambda: head_means(*zoo.load(name), n=zoo.config.n_means))
+def zoo_means(zoo: Zoo, name: str, n: int | None = None, seed: int = MEANS_SEED) -> torch.Tensor:
+    "`head_means` of a zoo's model (`n` prompts, default `Config.n_means`, seed `seed`), computed once per zoo."
+    n = zoo.config.n_means if n is None else n
+    return zoo.memo(("head_means", name, n, seed), lambda: head_means(*zoo.load(name), n=n, seed=seed))
 
 # %% ../nbs/07_circuit.ipynb #6907197d
 def minimality(model, tokenizer, circuit: Circuit, group: str, examples, means, max_k: int = 2,
@@ -223,41 +225,41 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
     n = (cfg.n_discovery if base else cfg.n_ft_discovery) if n is None else n
     pool = (cfg.discovery_pool if base else cfg.ft_pool) if pool is None else pool
     model, tok = zoo.load(name)
-    pp_params = dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1)
 
-    def patch() -> pd.DataFrame:
-        clean, corrupt = discovery_prompts(model, tok, n=n, seed=0, pool=pool)
-        found, scores = discover_circuit(model, clean, corrupt, progress=not progress_disabled())
+    def patch(n, pool, seed, n_boxes, fraction) -> pd.DataFrame:
+        clean, corrupt = discovery_prompts(model, tok, n=n, n_boxes=n_boxes, seed=seed, pool=pool)
+        found, scores = discover_circuit(model, clean, corrupt, fraction=fraction, progress=not progress_disabled())
         rank = {(g, h): i for g in GROUPS for i, h in enumerate(found[g])}
         return pd.DataFrame([dict(model=name, group=g, layer=l, head=h, score=float(scores[g][l, h]),
-                                  candidate_rank=rank.get((g, (l, h)), -1), n=n, seed=0)
+                                  candidate_rank=rank.get((g, (l, h)), -1), n=n, seed=seed)
                              for g in GROUPS for l in range(scores[g].shape[0]) for h in range(scores[g].shape[1])])
 
-    scores = cached(f"path_patching_{role}", patch, pp_params, [name], root)
+    scores = cached(f"path_patching_{role}", patch, dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1), [name], root)
     kept = scores[scores.candidate_rank >= 0].sort_values(["group", "candidate_rank"])
     candidates = Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in kept.groupby("group")})
-    mini_params = dict(candidates=candidates.to_dict(), n_test=cfg.n_test, n=cfg.n_minimality, seed=TEST_SEED,
-                       n_means=cfg.n_means, means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
 
-    def mini() -> pd.DataFrame:
-        test = zoo.test_prompts()[:cfg.n_minimality]
+    def mini(candidates, n, seed, n_means, means_seed, max_k, context) -> pd.DataFrame:
+        circuit, test, means = Circuit.from_dict(candidates), zoo.test_prompts(n, seed), zoo_means(zoo, name, n_means, means_seed)
         parts = []
         for g in GROUPS:
-            if candidates[g]:
-                t = minimality(model, tok, candidates, g, test, zoo_means(zoo, name), max_k=cfg.minimality_k)
+            if circuit[g]:
+                t = minimality(model, tok, circuit, g, test, means, max_k=max_k, context=context)
                 parts.append(t.assign(model=name, group=g, layer=[h[0] for h in t["head"]], head=[h[1] for h in t["head"]],
                                       K=[" ".join(f"{l}.{h}" for l, h in k) for k in t["K"]]))
         cols = ["model", "group", "layer", "head", "with", "without", "relative drop", "K"]
         return pd.concat(parts)[cols] if parts else pd.DataFrame(columns=cols)
 
+    mini_params = dict(candidates=candidates.to_dict(), n=cfg.n_minimality, seed=TEST_SEED, n_means=cfg.n_means,
+                       means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
     mini_t = cached(f"minimality_{role}", mini, mini_params, [name], root)
-    by_group = {g: pd.DataFrame({"head": list(zip(d["layer"].astype(int), d["head"].astype(int))),
-                                 "relative drop": d["relative drop"]}) for g, d in mini_t.groupby("group")}
-    circuit = prune(candidates, by_group, threshold=0.01)
-    cached(f"circuit_{role}", lambda: pd.concat([circuit_table(candidates, name, "candidates"),
-                                                  circuit_table(circuit, name, "minimal")]),
-           dict(mini_params, threshold=0.01), [name], root)
-    return circuit
+
+    def minimal(threshold, **minimality_params) -> pd.DataFrame:   # those of the table pruned: its provenance
+        by_group = {g: pd.DataFrame({"head": list(zip(d["layer"].astype(int), d["head"].astype(int))),
+                                     "relative drop": d["relative drop"]}) for g, d in mini_t.groupby("group")}
+        return pd.concat([circuit_table(candidates, name, "candidates"),
+                          circuit_table(prune(candidates, by_group, threshold=threshold), name, "minimal")])
+
+    return circuit_from_table(cached(f"circuit_{role}", minimal, dict(mini_params, threshold=0.01), [name], root))
 
 
 def stored_circuit(role: str = "base", root=None):
@@ -275,15 +277,17 @@ def need_circuit(root=None, role: str = "base"):
 
 # %% ../nbs/07_circuit.ipynb #t1cc0001
 def circuit_in_models(zoo: Zoo, circuit, circuit_name: str, contexts=("ablate", "keep"), n_random: int = 0,
-                      examples=None) -> pd.DataFrame:
-    """The circuit chapter's `evaluate_circuit` of `circuit` in every role model of `zoo` (its test prompts and head
-    means), with each row's role. Tidy: model, role, circuit, heads, n, seed, context, metric, value, ci_low, ci_high."""
-    examples = zoo.test_prompts() if examples is None else examples
+                      examples=None, seed: int = TEST_SEED, n_means: int | None = None, means_seed: int = MEANS_SEED,
+                      random_seed: int = 0) -> pd.DataFrame:
+    """The circuit chapter's `evaluate_circuit` of `circuit` in every role model of `zoo` (its test prompts, seed
+    `seed`, and head means), with each row's role. Tidy: model, role, circuit, heads, n, seed, context, metric, value,
+    ci_low, ci_high."""
+    examples = zoo.test_prompts(seed=seed) if examples is None else examples
     named = zoo.by_role()
     t = evaluate_circuit({r: zoo.load(m) for r, m in named.items()}, circuit, examples,
-                         {r: zoo_means(zoo, m) for r, m in named.items()}, n_random=n_random, seed=0, contexts=contexts,
-                         name=circuit_name)
-    return t.rename(columns={"model": "role"}).assign(model=lambda d: d.role.map(named), seed=TEST_SEED)
+                         {r: zoo_means(zoo, m, n_means, means_seed) for r, m in named.items()}, n_random=n_random,
+                         seed=random_seed, contexts=contexts, name=circuit_name)
+    return t.rename(columns={"model": "role"}).assign(model=lambda d: d.role.map(named), seed=seed)
 
 
 def stored_table1(zoo: Zoo, root=None) -> dict:
@@ -291,9 +295,13 @@ def stored_table1(zoo: Zoo, root=None) -> dict:
     if not zoo.need("base"):
         return {}
     circuit, cfg = need_circuit(root), zoo.config
-    return {"table1": cached("table1", lambda: circuit_in_models(zoo, circuit, "base", n_random=cfg.n_random),
-                             dict(circuit=circuit.to_dict(), n=cfg.n_test, seed=TEST_SEED, n_random=cfg.n_random,
-                                  random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
+
+    def table1(circuit, n, seed, n_random, random_seed, n_means):
+        return circuit_in_models(zoo, Circuit.from_dict(circuit), "base", n_random=n_random, examples=zoo.test_prompts(n, seed),
+                                 seed=seed, n_means=n_means, random_seed=random_seed)
+    return {"table1": cached("table1", table1, dict(circuit=circuit.to_dict(), n=cfg.n_test, seed=TEST_SEED,
+                                                    n_random=cfg.n_random, random_seed=0, n_means=cfg.n_means),
+                             list(zoo.by_role().values()), root)}
 
 # %% ../nbs/07_circuit.ipynb #7f5cd7d2
 def overlap(circuit: Circuit, reference: Circuit) -> pd.DataFrame:
@@ -317,16 +325,18 @@ def stored_cross_circuit(zoo: Zoo, root=None) -> dict:
     for role in list(zoo.by_role())[1:]:
         circuits[role] = find_circuit_stored(zoo, role, root=root)
     as_dicts = {k: c.to_dict() for k, c in circuits.items()}
-    return {
-        "cross_circuit": cached(
-            "cross_circuit",
-            lambda: pd.concat([circuit_in_models(zoo, c, name, contexts=("keep",)) for name, c in circuits.items()]),
-            dict(circuits=as_dicts, n=cfg.n_test, seed=TEST_SEED, n_means=cfg.n_means), named, root),
-        "circuit_overlap": cached(
-            "circuit_overlap",
-            lambda: pd.concat([overlap(c, circuits["base"]).rename_axis("group").reset_index().assign(circuit=name)
-                               for name, c in circuits.items() if name != "base"]),
-            dict(circuits=as_dicts), named, root)}
+
+    def cross(circuits, n, seed, n_means):
+        return pd.concat([circuit_in_models(zoo, Circuit.from_dict(c), name, contexts=("keep",), seed=seed, n_means=n_means,
+                                            examples=zoo.test_prompts(n, seed)) for name, c in circuits.items()])
+
+    def overlaps(circuits):
+        base = Circuit.from_dict(circuits["base"])
+        return pd.concat([overlap(Circuit.from_dict(c), base).rename_axis("group").reset_index().assign(circuit=name)
+                          for name, c in circuits.items() if name != "base"])
+    return {"cross_circuit": cached("cross_circuit", cross, dict(circuits=as_dicts, n=cfg.n_test, seed=TEST_SEED,
+                                                                 n_means=cfg.n_means), named, root),
+            "circuit_overlap": cached("circuit_overlap", overlaps, dict(circuits=as_dicts), named, root)}
 
 # %% ../nbs/07_circuit.ipynb #49cef0ee
 def completeness(model, tokenizer, circuit: Circuit, examples, means, n_random: int = 10, seed: int = 0) -> pd.DataFrame:
@@ -351,15 +361,37 @@ def stored_completeness(zoo: Zoo, root=None) -> dict:
         return {}
     circuit, cfg = need_circuit(root), zoo.config
 
-    def compute():
-        test = zoo.test_prompts()[:cfg.n_completeness]
-        return pd.concat([completeness(*zoo.load(name), circuit, test, zoo_means(zoo, name),
-                                       n_random=cfg.completeness_random, seed=0)
+    def compute(circuit, n, seed, n_random, random_seed, n_means):
+        test, circuit = zoo.test_prompts(n, seed), Circuit.from_dict(circuit)
+        return pd.concat([completeness(*zoo.load(name), circuit, test, zoo_means(zoo, name, n_means),
+                                       n_random=n_random, seed=random_seed)
                           .assign(model=name, role=role, n=len(test)) for role, name in zoo.by_role().items()])
 
     return {"completeness": cached("completeness", compute,
                                    dict(circuit=circuit.to_dict(), n=cfg.n_completeness, seed=TEST_SEED, n_random=cfg.completeness_random,
                                         random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
+
+# %% ../nbs/07_circuit.ipynb #plotcomp
+def plot_completeness(table: pd.DataFrame):
+    "The `completeness` table as a scatter: circuit without K against model without K, one colour per model."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for m, d in table.groupby("role", sort=False):
+        ax.scatter(d["model without K"], d["circuit without K"], label=m, s=18)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    ax.set(xlabel="model without K", ylabel="circuit without K",
+           title=f"completeness of the base circuit ({table['n'].iloc[0]} prompts)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def head_grids(table: pd.DataFrame, column: str = "score") -> dict[str, np.ndarray]:
+    "A tidy per-head table (group, layer, head, `column`) as `{group: [n_layers, n_heads]}` (zeros where absent)."
+    shape = (int(table["layer"].max()) + 1, int(table["head"].max()) + 1)
+    grids = {g: np.zeros(shape) for g in GROUPS}
+    for g, l, h, v in zip(table["group"], table["layer"], table["head"], table[column]):
+        grids[g][int(l), int(h)] = v
+    return grids
 
 # %% ../nbs/07_circuit.ipynb #30ad8615
 @torch.no_grad()

@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesBatch, encode, sample_boxes, usable_labels, usable_objects
-from .evaluate import TEST_SEED, bootstrap_ci, predictions
+from .data import BoxesBatch, encode, sample_boxes, sample_usable, usable_labels, usable_objects
+from .evaluate import TEST_SEED, bootstrap_ci, paired_difference, predictions
 from .models import load_model, progress_disabled
 from .path_patching import GROUP_LETTERS, GROUPS, PATHS
 from .results import cached
@@ -350,7 +350,7 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
         if p != "output":
             _kinds(p)
     base, tok = load(base_name)
-    examples = sample_boxes(n, n_boxes, seed=seed, objects=usable_objects(tok), labels=usable_labels(tok))
+    examples = sample_usable(tok, n, n_boxes, seed)
     base_correct = predictions(base, tok, examples, batch_size, progress=False)
     groups = [(GROUP_LETTERS[g], {g: heads_by_group[g]}) for g in reversed(GROUPS) if g in heads_by_group]
     groups += [("full", dict(heads_by_group))] if full else []
@@ -361,9 +361,8 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
         r = dict(source=source, model=model, group=group, patch=patch, heads=heads, n=n, seed=seed)
         if correct is None:
             return r | dict(accuracy=np.nan)
-        d = correct.astype(float) - base_correct
-        (lo, hi), (dlo, dhi) = bootstrap_ci(correct, seed=seed), bootstrap_ci(d, seed=seed)
-        return r | dict(accuracy=correct.mean(), ci_low=lo, ci_high=hi, delta=d.mean(), delta_ci_low=dlo,
+        (lo, hi), (delta, dlo, dhi) = bootstrap_ci(correct, seed=seed), paired_difference(correct, base_correct, seed)
+        return r | dict(accuracy=correct.mean(), ci_low=lo, ci_high=hi, delta=delta, delta_ci_low=dlo,
                         delta_ci_high=dhi)
 
     rows = [row(base_name, base_name, "alone", "none", 0, base_correct)]
@@ -388,10 +387,11 @@ def stored_cmap(base: str, sources: Sequence[str], heads_by_group: Mapping, inpu
     sources = list(sources)
     if inputs:
         heads_by_group = {g: heads_by_group[g] for g in ("pos_transmitter", "value_fetcher")}
-    kw = dict(n=n, n_boxes=7, seed=TEST_SEED, batch_size=100)   # what runs is what the key records
+    kw = dict(n=n, n_boxes=7, seed=TEST_SEED, batch_size=100)
     kw |= dict(patches=list(CMAP_INPUT_KINDS), full=False) if inputs else dict(patches=["output"], full=True)
-    return cached("cmap_inputs" if inputs else "cmap_outputs",
-                  lambda: cmap_table(base, sources, heads_by_group, load=load, **kw),
+    def compute(base, sources, heads_by_group, **kw):
+        return cmap_table(base, sources, heads_by_group, load=load, **kw)
+    return cached("cmap_inputs" if inputs else "cmap_outputs", compute,
                   dict(base=base, sources=sources, heads_by_group=heads_by_group, **kw), [base, *sources], root)
 
 # %% ../nbs/09_cmap.ipynb #0e4118d7

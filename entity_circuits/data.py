@@ -20,8 +20,8 @@ import torch
 # %% auto #0
 __all__ = ['LABELS', 'TEMPLATE_WORDS', 'SPECIAL_TOKENS', 'DESIDERATA', 'load_objects', 'BoxesExample', 'sample_boxes',
            'word_level_tokenizer', 'MultiTokenWordError', 'BoxesBatch', 'encode', 'token_table', 'usable_objects',
-           'usable_labels', 'corrupt_for_path_patching', 'DesiderataPair', 'make_desiderata', 'DesideratumBatch',
-           'encode_desiderata']
+           'usable_labels', 'sample_usable', 'corrupt_for_path_patching', 'DesiderataPair', 'make_desiderata',
+           'DesideratumBatch', 'encode_desiderata']
 
 # %% ../nbs/02_data.ipynb #data-005
 LABELS: tuple[str, ...] = tuple(string.ascii_uppercase)
@@ -412,6 +412,11 @@ def usable_labels(tokenizer, labels: Iterable[str] | None = None) -> list[str]:
     return [w for i, w in enumerate(words)
             if not any(word == w and role in ("label", "query label")
                        for pair in located[2 * i:2 * i + 2] for word, role in pair[1])]
+
+
+def sample_usable(tokenizer, n: int, n_boxes: int = 7, seed: int = 0) -> list[BoxesExample]:
+    "`sample_boxes` from the objects and labels `tokenizer` has as single tokens (`usable_objects`, `usable_labels`)."
+    return sample_boxes(n, n_boxes, seed=seed, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
 
 # %% ../nbs/02_data.ipynb #data-035
 def corrupt_for_path_patching(

@@ -280,10 +280,10 @@ def _stored_settings(params: dict):
 def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None, sizes: tuple | None = None) -> pd.DataFrame:
     """`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`);
     `sizes`: (train, validation, test) pairs, the chapter's by default."""
-    params = dcm_params(sizes)
-    splits, train = _stored_settings(params)
-    compute = lambda: dcm_table(model, tokenizer, circuit, splits, progress=False, **train)[0].assign(model=name)
-    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(params, circuit=circuit.to_dict()),
+    def compute(circuit, **params):
+        splits, train = _stored_settings(params)
+        return dcm_table(model, tokenizer, Circuit.from_dict(circuit), splits, progress=False, **train)[0].assign(model=name)
+    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(dcm_params(sizes), circuit=circuit.to_dict()),
                   [name], root)
 
 
@@ -296,17 +296,19 @@ def selected_heads(table: pd.DataFrame) -> dict:
 def stored_functionality(models: dict, names: Sequence[str], tokenizer, heads: dict, root=None, runs: int = 10,
                          n: int = 500) -> pd.DataFrame:
     "`functionality` (Fig. 3) of `heads` in `models` (role -> model; `names`: their specs) through the store."
-    fig3 = dict(runs=runs, n=n, seed=FIG3_SEED)   # Fig. 3's settings: passed and recorded, one dict
-    return cached("dcm_functionality", lambda: functionality(models, tokenizer, heads, progress=False, **fig3),
-                  dict(heads={f"{g}/{d}": hs for (g, d), hs in heads.items()}, **fig3), list(names), root)
+    def compute(heads, **fig3):      # heads keyed "group/desideratum" (a JSON key), back to (group, desideratum)
+        return functionality(models, tokenizer, {tuple(k.split("/", 1)): hs for k, hs in heads.items()}, progress=False,
+                             **fig3)
+    return cached("dcm_functionality", compute, dict(heads={f"{g}/{d}": hs for (g, d), hs in heads.items()}, runs=runs,
+                                                     n=n, seed=FIG3_SEED), list(names), root)
 
 
 def stored_variants(name: str, model, tokenizer, heads, root=None, sizes: tuple | None = None) -> pd.DataFrame:
     "`variant_table` of the position-transmitter `heads` of model `name` through the store (`dcm_variants`)."
-    params = dcm_params(sizes)
-    splits, train = _stored_settings(params)
-    return cached("dcm_variants", lambda: variant_table(model, tokenizer, heads, splits, progress=False, **train),
-                  dict(params, heads=heads), [name], root)
+    def compute(heads, **params):
+        splits, train = _stored_settings(params)
+        return variant_table(model, tokenizer, heads, splits, progress=False, **train)
+    return cached("dcm_variants", compute, dict(dcm_params(sizes), heads=heads), [name], root)
 
 # %% ../nbs/08_dcm.ipynb #26887184
 def original_position_targets(pairs: Sequence[DesiderataPair], tokenizer, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesExample, encode, sample_boxes, usable_labels, usable_objects
+from .data import BoxesExample, encode, sample_usable, usable_labels, usable_objects
 from .models import progress_disabled
 from .results import cached
 from .zoo import TEST_SEED, Zoo, role_of
@@ -22,7 +22,7 @@ from .zoo import TEST_SEED, Zoo, role_of
 # %% auto #0
 __all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'RETENTION', 'PAPER_EFFECT', 'predictions', 'bootstrap_ci', 'ratio_ci',
            'paired_difference', 'accuracy_table', 'revival_curve', 'revival_table', 'paired_accuracy',
-           'stored_accuracy', 'organism_targets']
+           'stored_accuracy', 'organism_targets', 'plot_accuracy_by_boxes']
 
 # %% ../nbs/05_accuracy.ipynb #5c0aa2b3
 @torch.no_grad()
@@ -89,7 +89,7 @@ def accuracy_table(models: dict, n: int = 500, n_boxes: Sequence[int] = (7,), se
     for name, (model, tokenizer) in models.items():
         objects, labels = usable_objects(tokenizer), usable_labels(tokenizer)
         for k in n_boxes:
-            examples = sample_boxes(n, k, seed=seed, objects=objects, labels=labels)
+            examples = sample_usable(tokenizer, n, k, seed)
             correct = predictions(model, tokenizer, examples, batch_size, desc=f"{name}, {k} boxes", restrict=restrict)
             lo, hi = bootstrap_ci(correct, seed=seed)
             rows.append(dict(model=name, n_boxes=k, metric="restricted accuracy" if restrict else "accuracy",
@@ -121,7 +121,7 @@ def revival_curve(model, tokenizer, steps: Sequence[int] = REVIVAL_STEPS, lr: fl
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng, enc, objects = random.Random(seed), _Encoder(tokenizer), usable_objects(tokenizer)
-    held_out = sample_boxes(n, 7, seed=BOXES_EVAL_SEED, objects=objects, labels=usable_labels(tokenizer))
+    held_out = sample_usable(tokenizer, n, 7, BOXES_EVAL_SEED)
     rows = [{"steps": 0, "accuracy": predictions(trained.eval(), tokenizer, held_out, progress=False).mean()}]
     for step in range(1, max(steps) + 1):
         trained.train()
@@ -161,29 +161,22 @@ def stored_accuracy(zoo: Zoo, root=None) -> dict:
     (the answer among the context's objects), `revival` (accuracy after a few steps of boxes training), `accuracy_<extra>`."""
     cfg, named, out = zoo.config, list(zoo.by_role().values()), {}
     if named:
-        out["accuracy"] = cached(
-            "accuracy", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test, n_boxes=(7,)),
-            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED), named, root)
-        out["accuracy_by_boxes"] = cached(
-            "accuracy_by_boxes", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test,
-                                                        n_boxes=cfg.box_counts),
-            dict(n=cfg.n_test, n_boxes=cfg.box_counts, seed=TEST_SEED), named, root)
-        out["accuracy_restricted"] = cached(
-            "accuracy_restricted", lambda: accuracy_table({m: zoo.load(m) for m in named}, n=cfg.n_test, n_boxes=(7,),
-                                                          restrict=True),
-            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED, restrict=True), named, root)
-        revival = dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0)
-        out["revival"] = cached("revival", lambda: revival_table({m: zoo.load(m) for m in named}, **revival),
-                                revival | {"steps": list(cfg.revival_steps)}, named, root)
+        roles = lambda **kw: accuracy_table({m: zoo.load(m) for m in named}, **kw)
+        out["accuracy"] = cached("accuracy", roles, dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED), named, root)
+        out["accuracy_by_boxes"] = cached("accuracy_by_boxes", roles,
+                                          dict(n=cfg.n_test, n_boxes=cfg.box_counts, seed=TEST_SEED), named, root)
+        out["accuracy_restricted"] = cached("accuracy_restricted", roles,
+                                            dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED, restrict=True), named, root)
+        out["revival"] = cached("revival", lambda **kw: revival_table({m: zoo.load(m) for m in named}, **kw),
+                                dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0), named, root)
     if zoo.need("base") and len(named) > 1:
-        out["accuracy_vs_base"] = cached(
-            "accuracy_vs_base",
-            lambda: paired_accuracy({m: zoo.load(m) for m in named}, zoo.roles["base"], zoo.test_prompts()),
-            dict(n=cfg.n_test, n_boxes=7, seed=TEST_SEED, base=zoo.roles["base"]), named, root)
+        def vs_base(n, base):       # the zoo's test prompts: 7 boxes, seed TEST_SEED (also the bootstrap's)
+            return paired_accuracy({m: zoo.load(m) for m in named}, base, zoo.test_prompts(n))
+        out["accuracy_vs_base"] = cached("accuracy_vs_base", vs_base, dict(n=cfg.n_test, base=zoo.roles["base"]),
+                                         named, root)
     for m in zoo.extras:
-        out[f"accuracy_{m}"] = cached(
-            f"accuracy_{m}", lambda: accuracy_table({m: zoo.load(m)}, n=cfg.n_extra, n_boxes=cfg.extra_box_counts),
-            dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
+        out[f"accuracy_{m}"] = cached(f"accuracy_{m}", lambda m=m, **kw: accuracy_table({m: zoo.load(m)}, **kw),
+                                      dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
     return out
 
 # %% ../nbs/05_accuracy.ipynb #targ0001
@@ -204,3 +197,17 @@ def organism_targets(vs_base: pd.DataFrame) -> pd.DataFrame:
         rows.append(dict(model=r.model, role=r.role, difference=r.value, ci_low=r.ci_low, ci_high=r.ci_high,
                          **{"(a) retention": retained, "(b) paper's effect": effect}))
     return pd.DataFrame(rows)
+
+# %% ../nbs/05_accuracy.ipynb #plotabox
+def plot_accuracy_by_boxes(table: pd.DataFrame):
+    "Accuracy against the number of boxes with 95% CIs, one line per model (an `accuracy_table` over box counts)."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, g in table.groupby("model", sort=False):
+        ax.errorbar(g.n_boxes, g.value, yerr=[g.value - g.ci_low, g.ci_high - g.value], marker="o", ms=4,
+                    capsize=2, label=name.replace("organism-", ""))
+    ax.set(xlabel="boxes", ylabel="accuracy", ylim=(0, 1.02),
+           title=f"Accuracy by number of boxes ({table.n.iloc[0]} prompts each)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

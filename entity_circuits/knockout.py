@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesBatch, sample_boxes, usable_labels, usable_objects
+from .data import BoxesBatch, sample_boxes, sample_usable, usable_labels, usable_objects
 from .evaluate import TEST_SEED, bootstrap_ci, predictions
 from .models import progress_disabled
 from .path_patching import paper_asset
@@ -188,7 +188,7 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
     rows = []
     for name, (model, tok) in models.items():
         n_layers = sizes[name]
-        examples = sample_boxes(n, n_boxes, seed=seed, objects=usable_objects(tok), labels=usable_labels(tok))
+        examples = sample_usable(tok, n, n_boxes, seed)
         own = predictions(model, tok, examples, batch_size, progress=False)
         for edge in edges:
             for L in range(n_layers + 1):
@@ -209,8 +209,8 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
 
 def stored_knockout(models: Mapping[str, tuple], root=None, n: int = 500) -> pd.DataFrame:
     "`knockout_curves` of `models` (name -> `(model, tokenizer)`) on `n` test prompts, through the results store."
-    kw = dict(n=n, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES))  # run = key
-    return cached("knockout_curves", lambda: knockout_curves(dict(models), **kw), kw, list(models), root)
+    kw = dict(n=n, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES))
+    return cached("knockout_curves", lambda **kw: knockout_curves(dict(models), **kw), kw, list(models), root)
 
 # %% ../nbs/10_knockout.ipynb #knockout-023
 PAPER_KNOCKOUT_MODEL = "LLaMA-7B (paper)"

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesExample, encode, sample_boxes, usable_labels, usable_objects
-from .evaluate import TEST_SEED, bootstrap_ci, predictions
+from .data import BoxesExample, encode, sample_boxes, sample_usable, usable_labels, usable_objects
+from .evaluate import TEST_SEED, paired_difference, predictions
 from .models import progress_disabled
 from .results import cached
 from .tracing import TraceDict, attention_layout
@@ -277,20 +277,20 @@ def _sites(n_sites: int, max_sites: int | None) -> list[int]:
     return sorted(set(np.linspace(0, n_sites - 1, max_sites).round().astype(int).tolist()))
 
 
-def _pairs_for(tokenizer, n: int, n_boxes: int) -> list[MixingPair]:
-    return mixing_pairs(n, n_boxes, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
+def _pairs_for(tokenizer, n: int, n_boxes: int, seed: int = MIXING_SEED) -> list[MixingPair]:
+    return mixing_pairs(n, n_boxes, seed, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
 
 
-def _test_prompts(tokenizer, n: int, n_boxes: int = 7) -> list[BoxesExample]:
+def _test_prompts(tokenizer, n: int, n_boxes: int = 7, seed: int = TEST_SEED) -> list[BoxesExample]:
     "The accuracy chapter's held-out prompts (seed `TEST_SEED`) from the words `tokenizer` has as single tokens."
-    return sample_boxes(n, n_boxes, seed=TEST_SEED, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
+    return sample_usable(tokenizer, n, n_boxes, seed)
 
 
 def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites: int | None = None,
-                    n_label: int = 500, name: str = "") -> pd.DataFrame:
+                    n_label: int = 500, name: str = "", seed: int = MIXING_SEED, label_seed: int = TEST_SEED) -> pd.DataFrame:
     """One model's measurements: shares and mean probabilities per site and position asked about (1-based; 0: all
     pairs), with the fitted model's probabilities and fit statistics at the chosen site and the label patch's shares."""
-    pairs = _pairs_for(tokenizer, n, n_boxes)
+    pairs = _pairs_for(tokenizer, n, n_boxes, seed)
     sites = _sites(len(residual_sites(model)), max_sites)
     patched = mixing_patch(model, tokenizer, pairs, sites, progress=False)
     patched["position"] = patched["box positional"] + 1
@@ -304,7 +304,7 @@ def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites:
     chosen = table.site == site
     table = table.assign(chosen=chosen).merge(fit, left_on="position", right_index=True, how="left")
     table.loc[~chosen, fit.columns] = np.nan
-    label = follow_shares(label_patch(model, tokenizer, _test_prompts(tokenizer, n_label, n_boxes), progress=False))
+    label = follow_shares(label_patch(model, tokenizer, _test_prompts(tokenizer, n_label, n_boxes, label_seed), progress=False))
     whole = (table.position == 0) & chosen
     for k, v in {**info, "w_pos": fitted.w_pos.item(), **dict(zip(("sigma2", "sigma1", "sigma0"),
                  fitted.sigma.detach().tolist())), **{f"follows {k}": v for k, v in label.items()}}.items():
@@ -312,9 +312,9 @@ def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites:
     return table.assign(model=name, n_boxes=n_boxes, n_layers=len(residual_sites(model)) - 1)
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-022
-def _per_pair(model, tokenizer, n: int, site: int) -> tuple[list[str], pd.DataFrame]:
+def _per_pair(model, tokenizer, n: int, site: int, n_boxes: int = 7, seed: int = MIXING_SEED) -> tuple[list[str], pd.DataFrame]:
     "The pairs' original prompts and the per-pair probability of each mechanism's object at `site`."
-    pairs = _pairs_for(tokenizer, n, 7)
+    pairs = _pairs_for(tokenizer, n, n_boxes, seed)
     at = mixing_patch(model, tokenizer, pairs, [site], progress=False).query("site == @site")
     return [p.original.prompt for p in pairs], at[["pair"]].join(mechanism_probs(at)).set_index("pair")
 
@@ -330,7 +330,7 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
 
     def one(name, model, tok, kw):
         short = name.removeprefix("organism-")
-        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", lambda: mechanism_table(model, tok, name=name, **kw),
+        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", lambda **kw: mechanism_table(model, tok, name=name, **kw),
                                             dict(kw, seed=MIXING_SEED, label_seed=TEST_SEED), [name], root)
     for name, (model, tok) in models.items():
         one(name, model, tok, dict(n=n, n_boxes=7, max_sites=None, n_label=n_label))
@@ -341,18 +341,18 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
         site = {m: int(out[f"mechanisms_{m.removeprefix('organism-')}"].query("chosen and position == 0").site.iloc[0])
                 for m in names}
 
-        def vs_base():
-            prompts, probs = zip(*(_per_pair(*models[m], n, site[m]) for m in names))
+        def vs_base(n, n_boxes, seed, base, sites):
+            names = [base] + [m for m in sites if m != base]
+            prompts, probs = zip(*(_per_pair(*models[m], n, sites[m], n_boxes, seed) for m in names))
             if any(p != prompts[0] for p in prompts):
                 raise ValueError("the models' tokenizers give different counterfactual pairs; compare models that "
                                  "share a vocabulary.")
             rows = []
             for m, p in zip(names[1:], probs[1:]):
                 for mech in ("positional", "lexical"):
-                    d = (p[f"p {mech}"] - probs[0][f"p {mech}"]).to_numpy()
-                    lo, hi = bootstrap_ci(d)
-                    rows.append(dict(model=m, base=names[0], site=site[m], base_site=site[names[0]], mechanism=mech,
-                                     delta=d.mean(), ci_low=lo, ci_high=hi, n=n))
+                    delta, lo, hi = paired_difference(p[f"p {mech}"].to_numpy(), probs[0][f"p {mech}"].to_numpy())
+                    rows.append(dict(model=m, base=base, site=sites[m], base_site=sites[base], mechanism=mech,
+                                     delta=delta, ci_low=lo, ci_high=hi, n=n))
             return pd.DataFrame(rows)
         out["mechanisms_vs_base"] = cached("mechanisms_vs_base", vs_base,
                                            dict(n=n, n_boxes=7, seed=MIXING_SEED, base=names[0], sites=site), names, root)
@@ -361,7 +361,7 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-024
 def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 300, steps: int | None = None,
-                         progress: bool = True) -> pd.DataFrame:
+                         progress: bool = True, seed: int = TEST_SEED, mixing_seed: int = MIXING_SEED) -> pd.DataFrame:
     """Re-run the shipped fine-tune of `role` ('math-lora', 'math-full', 'chat') from the shipped base, and measure
     every snapshot (`steps`: a shorter run of that many steps, snapshots every `steps // 2`, for tests). Tidy: role, step, metric,
     group, value; metric 'shipped max abs diff' (step -1) compares the last snapshot's logits with the shipped model."""
@@ -385,8 +385,8 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
                   on_eval=lambda step, m: snapshots.__setitem__(step, copy.deepcopy(m).eval()))
     finally:
         torch.set_num_threads(threads)
-    examples = _test_prompts(tok, n)
-    pairs = _pairs_for(tok, n, 7)
+    examples = _test_prompts(tok, n, seed=seed)
+    pairs = _pairs_for(tok, n, 7, mixing_seed)
     shipped, _ = load_model(f"organism-{role}")
     batch = encode(examples[:50], tok)
     with torch.no_grad():
@@ -398,7 +398,7 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
         faith = evaluate_circuit({"s": (snap, tok)}, circuit, examples, {"s": head_means(snap, tok, n)}, n_random=0,
                                  contexts=("keep",), progress=False)
         rows.append(row("faithfulness", faith.query("metric == 'faithfulness'").value.iloc[0]))
-        cm = cmap_table("base", ["snapshot"], heads_by_group, n=n,
+        cm = cmap_table("base", ["snapshot"], heads_by_group, n=n, seed=seed,
                         load={"base": (base, tok), "snapshot": (snap, tok)}.__getitem__)
         rows += [row("CMAP gain", r.delta, r.group) for r in cm[(cm.group != "alone") & cm.accuracy.notna()].itertuples()]
         shares = mechanism_shares(mixing_patch(snap, tok, pairs, progress=False))
@@ -413,8 +413,13 @@ def stored_trajectory(role: str, circuit, heads_by_group: Mapping, root=None, n:
     "`fine_tune_trajectory` of `role` through the results store (`trajectory_<role>`; the key holds the recipe re-run)."
     from entity_circuits.models import MANIFEST_NAME, organisms_dir
     manifest = json.loads((organisms_dir() / MANIFEST_NAME).read_text())
+    from entity_circuits.path_patching import Circuit
     heads = {g: [list(h) for h in hs] for g, hs in heads_by_group.items()}
-    return cached(f"trajectory_{role}", lambda: fine_tune_trajectory(role, circuit, heads_by_group, n, steps, False),
+
+    def compute(role, circuit, heads_by_group, n, steps, seed, mixing_seed, **provenance):   # recipe, lr, torch
+        heads_by_group = {g: [tuple(h) for h in hs] for g, hs in heads_by_group.items()}
+        return fine_tune_trajectory(role, Circuit.from_dict(circuit), heads_by_group, n, steps, False, seed, mixing_seed)
+    return cached(f"trajectory_{role}", compute,
                   dict(role=role, circuit=circuit.to_dict(), heads_by_group=heads, n=n, steps=steps, seed=TEST_SEED,
                        mixing_seed=MIXING_SEED, recipe=manifest["recipe"], lr=manifest["fine_tuning"]["chosen_lr"][role],
                        torch=torch.__version__), ["organism-base", f"organism-{role}"], root)

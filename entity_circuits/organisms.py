@@ -375,9 +375,8 @@ def stored_head_ablation(name: str = "organism-base", root=None, n: int = 200) -
     from entity_circuits.models import load_model
     from entity_circuits.results import cached
 
-    kw = dict(formats=list(BINDING_FORMATS), n_items=7, n=n, seed=70_000)   # what runs is what the key records
-    return cached(f"head_ablation_{name.removeprefix('organism-')}", lambda: head_ablation(*load_model(name), **kw),
-                  kw, [name], root)
+    return cached(f"head_ablation_{name.removeprefix('organism-')}", lambda **kw: head_ablation(*load_model(name), **kw),
+                  dict(formats=list(BINDING_FORMATS), n_items=7, n=n, seed=70_000), [name], root)
 
 
 def ablation_overlap(ablation: pd.DataFrame) -> pd.DataFrame:

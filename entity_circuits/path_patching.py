@@ -18,7 +18,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .data import BoxesBatch, corrupt_for_path_patching, encode, sample_boxes
+from .data import (BoxesBatch, corrupt_for_path_patching, encode, sample_boxes, usable_labels,
+                                  usable_objects)
 from .models import progress_disabled
 from .tracing import (TraceDict, attention_layout, capture_heads, get_module, merge_heads,
                                      patch_heads, split_heads)
@@ -485,18 +486,20 @@ def top_heads(scores: np.ndarray, k: int) -> list[tuple[int, int]]:
 
 
 def discovery_prompts(model, tokenizer, n: int = 300, n_boxes: int = 7, seed: int = 0, batch_size: int = 100,
-                      pool: int = 10):
-    """`n` clean prompts the model answers correctly (the first of `pool * n` seeded prompts) and their corrupt
-    counterparts (`corrupt_for_path_patching`), encoded: `(clean, corrupt)`."""
+                      pool: int = 10, prefix: str = ""):
+    """`n` clean prompts the model answers correctly (the first of `pool * n` seeded prompts, from the words the
+    tokenizer has as single tokens) and their corrupt counterparts (`corrupt_for_path_patching`, same words),
+    encoded with `prefix` before each (e.g. a chat template's turns): `(clean, corrupt)`."""
     from entity_circuits.evaluate import predictions
-    pool = sample_boxes(pool * n, n_boxes, seed=seed)
-    ok = predictions(model, tokenizer, pool, batch_size, progress=False)
-    kept = [e for e, c in zip(pool, ok) if c][:n]
+    words = dict(objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
+    candidates = sample_boxes(pool * n, n_boxes, seed=seed, **words)
+    ok = predictions(model, tokenizer, candidates, batch_size, progress=False, prefix=prefix)
+    kept = [e for e, c in zip(candidates, ok) if c][:n]
     if len(kept) < n:
-        raise ValueError(f"only {len(kept)} of {len(pool)} prompts are answered correctly; ask for fewer than {n}.")
+        raise ValueError(f"only {len(kept)} of {len(candidates)} prompts are answered correctly; ask for fewer than {n}.")
     device = next(model.parameters()).device
-    return (encode(kept, tokenizer, device=device),
-            encode(corrupt_for_path_patching(kept, seed=seed + 1), tokenizer, device=device))
+    return (encode(kept, tokenizer, device=device, prefix=prefix),
+            encode(corrupt_for_path_patching(kept, seed=seed + 1, **words), tokenizer, device=device, prefix=prefix))
 
 
 def discover_circuit(model, clean: BoxesBatch, corrupt: BoxesBatch, fraction: float = 0.1, batch_size: int = 100,

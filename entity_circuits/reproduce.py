@@ -17,7 +17,7 @@ import pandas as pd
 from .circuit import (find_circuit_stored, need_circuit, stored_completeness, stored_cross_circuit,
                                      stored_table1)
 from .evaluate import stored_accuracy
-from .path_patching import GROUPS, plot_scores
+from .path_patching import plot_scores
 from .results import RECOMPUTE_ENV, load_result, results_dir, save_figure
 from .verdict import verdict_table
 from .zoo import Config, Zoo, default_models
@@ -27,7 +27,7 @@ _log = logging.getLogger("entity_circuits.results")
 # %% auto #0
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step', 'step_organisms',
            'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
-           'step_figures', 'root_for', 'reproduce']
+           'step_extras', 'step_figures', 'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -146,6 +146,19 @@ def step_trajectory(zoo: Zoo, root=None) -> dict:
                                                  steps=zoo.config.trajectory_steps) for r in roles}
 
 
+# %% ../nbs/11_reproduce.ipynb #stepextras
+@step("extras")
+def step_extras(zoo: Zoo, root=None) -> dict:
+    """The SmolLM2 chapter's tables for every extra model: accuracy by boxes under both templates
+    (`accuracy_grid_<model>`), and path patching where the model tracks (`path_patching_<model>`)."""
+    from entity_circuits.smollm2 import best_setting, stored_accuracy_grid, stored_circuit_scores
+    c, out = zoo.config, {}
+    for m in zoo.extras:
+        grid = out[f"accuracy_grid_{m}"] = stored_accuracy_grid(m, root, n=c.n_extra, box_counts=c.box_counts)
+        if (best := best_setting(grid)) is not None:
+            out[f"path_patching_{m}"] = stored_circuit_scores(m, *best, root, n=c.n_ft_discovery)
+    return out
+
 # %% ../nbs/11_reproduce.ipynb #79eaa941
 def _figure_is_current(name: str, table: str, root=None) -> bool:
     "True if `<name>.png` and `.svg` exist and are newer than the JSON of the table they are drawn from."
@@ -158,40 +171,19 @@ def _figure_is_current(name: str, table: str, root=None) -> bool:
 def step_figures(zoo: Zoo, root=None) -> dict:
     "Figures drawn from the stored tables (redrawn only when their table changed): accuracy, path patching, completeness."
     import matplotlib.pyplot as plt
-
-    def accuracy_by_boxes(t):
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for m, g in t.groupby("model", sort=False):
-            ax.errorbar(g.n_boxes, g.value, yerr=[g.value - g.ci_low, g.ci_high - g.value], marker="o", ms=4,
-                        capsize=2, label=m)
-        ax.set(xlabel="boxes", ylabel="accuracy (95% CI)", ylim=(0, 1.02), title="Accuracy by number of boxes")
-        ax.legend(fontsize=8)
-        return fig
-
-    def path_patching_base(t):
-        grids = {g: np.zeros((int(t["layer"].max()) + 1, int(t["head"].max()) + 1)) for g in GROUPS}
-        for r in t.itertuples():
-            grids[r.group][r.layer, r.head] = r.score
-        return plot_scores(grids, f"{t.model.iloc[0]} ({t.n.iloc[0]} prompts)", paper=False)
-
-    def completeness(t):
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for m, d in t.groupby("role", sort=False):
-            ax.scatter(d["model without K"], d["circuit without K"], label=m, s=18)
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-        ax.set(xlabel="model without K", ylabel="circuit without K", title="completeness of the base circuit")
-        ax.legend(fontsize=8)
-        return fig
-
+    from entity_circuits.circuit import head_grids, plot_completeness
+    from entity_circuits.evaluate import plot_accuracy_by_boxes
+    draw = {"accuracy_by_boxes": plot_accuracy_by_boxes, "completeness": plot_completeness,   # table -> figure
+            "path_patching_base": lambda t: plot_scores(head_grids(t), f"{t.model.iloc[0]} ({t.n.iloc[0]} prompts)",
+                                                        paper=False)}
     paths = {}
-    for draw in (accuracy_by_boxes, path_patching_base, completeness):
-        name = draw.__name__                   # the figure is named after the table it is drawn from
+    for name, plot in draw.items():            # the figure is named after the table it is drawn from
         if (t := load_result(name, root)) is None:
             continue
         if _figure_is_current(name, name, root):
             _log.info("%s figure: reused", name)
             continue
-        fig = draw(t)
+        fig = plot(t)
         paths[name] = save_figure(fig, name, root)
         plt.close(fig)
         _log.info("%s figure: drawn", name)

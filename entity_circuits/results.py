@@ -195,10 +195,17 @@ def is_current(name: str, params: dict, models: Sequence[str] = (), root: str | 
     return info is not None and all(info.get(k) == v for k, v in _fingerprints(params, models, info.get("code_module")).items())
 
 
-def cached(name: str, compute: Callable[[], pd.DataFrame], params: dict, models: Sequence[str] = (),
+def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models: Sequence[str] = (),
            root: str | os.PathLike | None = None) -> pd.DataFrame:
-    "The table `results/<name>.csv` if it is current for `params`, `models` and the code; else `compute()` it and store it."
+    """The table `results/<name>.csv` if it is current for `params`, `models` and the code; else `compute(**params)`
+    it and store it: the parameters recorded are the parameters the computation received."""
+    import inspect
     csv, meta = _paths(name, root)
+    try:
+        inspect.signature(compute).bind(**params)
+    except TypeError as e:
+        raise TypeError(f"result {name!r}: compute must take exactly the recorded parameters {sorted(params)} "
+                        f"as keywords ({e}).") from None
     want = _fingerprints(params, list(models), _code_module(compute))
     force = os.environ.get(RECOMPUTE_ENV, "") not in ("", "0")
     if not force and (info := result_info(name, root)) is not None and all(info.get(k) == v for k, v in want.items()):
@@ -208,7 +215,7 @@ def cached(name: str, compute: Callable[[], pd.DataFrame], params: dict, models:
             return table
     _log.info("%s: computing", name)
     t0 = time.time()
-    table = compute()
+    table = compute(**params)
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"compute() for result {name!r} returned {type(table).__name__}, not a pandas DataFrame.")
     named = any(n is not None for n in table.index.names)   # a named index is data (`set_index("model")`): keep it

@@ -112,14 +112,15 @@ class Zoo:
             self._models[name] = load_model(name)
         return self._models[name]
 
-    def test_prompts(self, n: int | None = None) -> list:
-        "The accuracy chapter's held-out 7-box prompts (seed `TEST_SEED`), from words every role model's tokenizer has."
+    def test_prompts(self, n: int | None = None, seed: int = TEST_SEED) -> list:
+        """The accuracy chapter's held-out 7-box prompts (`n`, default `Config.n_test`; seed `TEST_SEED`), from words
+        every role model's tokenizer has; the first k of them are the k-prompt set."""
         if self._words is None:
             tokenizers = [self.load(m)[1] for m in self.by_role().values()]
             objects, labels = [set(usable_objects(t)) for t in tokenizers], [set(usable_labels(t)) for t in tokenizers]
             self._words = ([w for w in usable_objects(tokenizers[0]) if all(w in o for o in objects)],
                            [w for w in usable_labels(tokenizers[0]) if all(w in l for l in labels)])
-        return sample_boxes(self.config.n_test if n is None else n, 7, seed=TEST_SEED, objects=self._words[0],
+        return sample_boxes(self.config.n_test if n is None else n, 7, seed=seed, objects=self._words[0],
                             labels=self._words[1])
 
     def memo(self, key: Hashable, compute: Callable[[], Any]):

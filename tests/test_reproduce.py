@@ -69,7 +69,7 @@ def test_killed_after_the_first_step_resumes_without_recomputing(tmp_path):
 
 
 def _store(root, name, rows, **params):
-    return cached(name, lambda: pd.DataFrame(rows), params, root=root)
+    return cached(name, lambda **_: pd.DataFrame(rows), params, root=root)   # `params` label the fake table
 
 
 def test_verdict_follows_the_result_tables(tmp_path):

@@ -19,7 +19,7 @@ class Counter:
     def __init__(self, value=0.5):
         self.calls, self.value = 0, value
 
-    def __call__(self):
+    def __call__(self, **params):       # `cached` passes the recorded parameters
         self.calls += 1
         return pd.DataFrame({"model": ["a", "b"], "metric": "accuracy", "value": [self.value, 1 / 3], "n": 10})
 
@@ -71,7 +71,7 @@ def test_model_fingerprint_follows_the_manifest(tmp_path, monkeypatch):
 
 
 def test_crash_inside_compute_leaves_no_result(tmp_path):
-    def boom():
+    def boom(**params):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
@@ -83,7 +83,7 @@ def test_crash_on_recompute_keeps_the_old_result_valid_but_not_current(tmp_path)
     f = Counter(0.5)
     cached("t", f, {"n": 1}, root=tmp_path)
 
-    def boom():
+    def boom(**params):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
@@ -118,7 +118,7 @@ def test_sigkill_during_compute_then_rerun(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, pandas as pd
         from entity_circuits.results import cached
-        def compute():
+        def compute(**params):
             pd.DataFrame({{"value": [1]}}).to_csv({str(tmp_path / 't.csv')!r}, index=False)  # junk at the final path
             os.kill(os.getpid(), signal.SIGKILL)
         cached("t", compute, {{}}, root={str(tmp_path)!r})
@@ -187,3 +187,20 @@ def test_files_get_the_usual_mode(tmp_path):
     (tmp_path / "plain").write_text("")
     mode = (tmp_path / "plain").stat().st_mode
     assert (tmp_path / "t.csv").stat().st_mode == mode and (tmp_path / "t.json").stat().st_mode == mode
+
+
+def test_the_recorded_parameters_are_the_ones_passed(tmp_path):
+    "`cached` calls compute(**params): what the key records is what ran; a compute that cannot take them is refused."
+    seen = []
+
+    def compute(n, seed):
+        seen.append((n, seed))
+        return pd.DataFrame({"n": [n], "seed": [seed]})
+
+    t = cached("t", compute, {"n": 3, "seed": 7}, root=tmp_path)
+    assert seen == [(3, 7)] and result_info("t", tmp_path)["params"] == {"n": 3, "seed": 7} and t.n[0] == 3
+    with pytest.raises(TypeError, match="exactly the recorded parameters"):
+        cached("u", compute, {"n": 3}, root=tmp_path)                      # seed missing
+    with pytest.raises(TypeError, match="exactly the recorded parameters"):
+        cached("u", compute, {"n": 3, "seed": 7, "context": "keep"}, root=tmp_path)   # recorded, never passed
+    assert seen == [(3, 7)] and load_result("u", tmp_path) is None          # refused before anything ran
