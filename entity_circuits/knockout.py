@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 from typing import Iterable, Mapping, Sequence
@@ -13,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesBatch, sample_boxes, sample_usable, usable_labels, usable_objects
+from .data import BoxesBatch, sample_usable
 from .evaluate import TEST_SEED, bootstrap_ci, predictions
 from .models import progress_disabled
 from .path_patching import paper_asset
@@ -174,31 +175,46 @@ def edge_positions(batch: BoxesBatch, edge: str, generator: torch.Generator | No
     raise KeyError(f"unknown edge {edge!r}; the edges are: {', '.join(EDGES)}.")
 
 # %% ../nbs/10_knockout.ipynb #knockout-016
+def _layers_from(n_layers: int, layers_from: Sequence[int] | None) -> list[int]:
+    "The `layer_from` values of a curve: `layers_from` (default every layer), sorted, then n_layers (nothing blocked)."
+    starts = range(n_layers) if layers_from is None else sorted(set(int(L) for L in layers_from))
+    bad = [L for L in starts if not 0 <= L < n_layers]
+    if bad:
+        raise ValueError(f"layers_from must lie in 0..{n_layers - 1} (blocking from that layer up); got {bad}.")
+    return [*starts, n_layers]
+
+
 def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7, seed: int = TEST_SEED,
                     edges: Sequence[str] = tuple(EDGES), control_seed: int = 0, batch_size: int = 50,
+                    layers_from: Sequence[int] | None = None, prefix: str = "", restrict: bool = False,
                     progress: bool = True) -> pd.DataFrame:
     """Accuracy of each `name -> (model, tokenizer)` with each edge blocked in all heads of layers >= `layer_from`,
-    for `layer_from` = 0 .. n_layers (n_layers: nothing blocked), on the accuracy chapter's test prompts: a tidy table."""
+    for `layer_from` in `layers_from` (default every layer) and n_layers (nothing blocked), on the accuracy chapter's
+    test prompts: a tidy table. `prefix` goes before every prompt (a chat template's turns, see `encode`);
+    `restrict` counts the top-1 among the context's objects (see `predictions`)."""
     unknown = [e for e in edges if e not in EDGES]
     if unknown:
         raise KeyError(f"unknown edges {unknown}; the edges are: {', '.join(EDGES)}.")
     sizes = {name: attention_layout(model).n_layers for name, (model, _) in models.items()}
-    bar = tqdm(total=sum(len(edges) * L for L in sizes.values()), desc="knockout",
+    starts = {name: _layers_from(L, layers_from) for name, L in sizes.items()}
+    bar = tqdm(total=sum(len(edges) * (len(s) - 1) for s in starts.values()), desc="knockout",
                disable=not progress or progress_disabled(), leave=False)
     rows = []
     for name, (model, tok) in models.items():
         n_layers = sizes[name]
         examples = sample_usable(tok, n, n_boxes, seed)
-        own = predictions(model, tok, examples, batch_size, progress=False)
+        run = functools.partial(predictions, model, tok, examples, batch_size, progress=False, restrict=restrict,
+                                prefix=prefix)
+        own = run()
         for edge in edges:
-            for L in range(n_layers + 1):
+            for L in starts[name]:
                 if L == n_layers:
                     correct = own
                 else:
                     gen = torch.Generator().manual_seed(control_seed)
                     knock = lambda b, edge=edge, L=L, gen=gen: block_attention(
                         model, edge_positions(b, edge, gen), range(L, n_layers))
-                    correct = predictions(model, tok, examples, batch_size, progress=False, intervene=knock)
+                    correct = run(intervene=knock)
                     bar.update()
                 lo, hi = bootstrap_ci(correct, seed=seed)
                 rows.append(dict(model=name, edge=edge, layer_from=L, n_layers=n_layers, accuracy=float(correct.mean()),
@@ -207,10 +223,15 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
     return pd.DataFrame(rows)
 
 
-def stored_knockout(models: Mapping[str, tuple], root=None, n: int = 500) -> pd.DataFrame:
-    "`knockout_curves` of `models` (name -> `(model, tokenizer)`) on `n` test prompts, through the results store."
+def stored_knockout(models: Mapping[str, tuple], root=None, n: int = 500, name: str = "knockout_curves",
+                    **settings) -> pd.DataFrame:
+    """`knockout_curves` of `models` (name -> `(model, tokenizer)`) on `n` test prompts, through the results store as
+    `name`; `settings` (`n_boxes`, `edges`, `layers_from`, `prefix`, `restrict`) override the chapter's defaults."""
     kw = dict(n=n, n_boxes=7, seed=TEST_SEED, control_seed=0, batch_size=50, edges=list(EDGES))
-    return cached("knockout_curves", lambda **kw: knockout_curves(dict(models), **kw), kw, list(models), root)
+    unknown = set(settings) - {"n_boxes", "edges", "layers_from", "prefix", "restrict"}
+    if unknown:
+        raise TypeError(f"stored_knockout got unknown settings {sorted(unknown)}.")
+    return cached(name, lambda **kw: knockout_curves(dict(models), **kw), kw | settings, list(models), root)
 
 # %% ../nbs/10_knockout.ipynb #knockout-023
 PAPER_KNOCKOUT_MODEL = "LLaMA-7B (paper)"

@@ -26,8 +26,9 @@ from .tracing import TraceDict, attention_layout
 # %% auto #0
 __all__ = ['MECHANISMS', 'MIXING_SEED', 'PAPER_MIXING_GEMMA', 'MixingPair', 'mixing_pair', 'mixing_pairs', 'residual_sites',
            'mixing_patch', 'mechanism_probs', 'mechanism_shares', 'mechanism_site', 'MixingModel', 'js_divergence',
-           'fit_mixing_model', 'fitted_probs', 'label_patch', 'follow_shares', 'mechanism_table', 'stored_mechanisms',
-           'fine_tune_trajectory', 'stored_trajectory', 'plot_mechanisms', 'mechanism_summary', 'plot_trajectory']
+           'fit_mixing_model', 'fitted_probs', 'label_patch', 'follow_shares', 'mechanism_table', 'stored_mechanism',
+           'stored_mechanisms', 'fine_tune_trajectory', 'stored_trajectory', 'plot_mechanisms', 'mechanism_summary',
+           'plot_trajectory']
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-005
 MECHANISMS = ("positional", "lexical", "reflexive", "no effect")
@@ -94,10 +95,11 @@ def _context_probs(logits: torch.Tensor, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def mixing_patch(model, tokenizer, pairs: Sequence[MixingPair], sites: Sequence[int] | None = None,
-                 batch_size: int = 50, progress: bool = True) -> pd.DataFrame:
+                 batch_size: int = 50, prefix: str = "", progress: bool = True) -> pd.DataFrame:
     """For every pair and residual site (default: all of `residual_sites`), the original run with the last token's
     residual after that many blocks taken from the counterfactual: the probability of each box's object (`p0`..,
-    softmax over the context's objects), each mechanism's box and which mechanism won (`top`); site -1: unpatched."""
+    softmax over the context's objects), each mechanism's box and which mechanism won (`top`); site -1: unpatched.
+    `prefix` goes before every prompt (a chat template's turns, see `encode`)."""
     names = residual_sites(model)
     sites = list(range(len(names))) if sites is None else [int(k) for k in sites]
     if not all(0 <= k < len(names) for k in sites):
@@ -106,8 +108,8 @@ def mixing_patch(model, tokenizer, pairs: Sequence[MixingPair], sites: Sequence[
     for i in tqdm(range(0, len(pairs), batch_size), desc="mixing", disable=not progress or progress_disabled(),
                   leave=False):
         chunk = pairs[i:i + batch_size]
-        orig = encode([p.original for p in chunk], tokenizer, device=device)
-        cf = encode([p.counterfactual for p in chunk], tokenizer, device=device)
+        orig = encode([p.original for p in chunk], tokenizer, device=device, prefix=prefix)
+        cf = encode([p.counterfactual for p in chunk], tokenizer, device=device, prefix=prefix)
         if not torch.equal(orig.attention_mask.sum(1), cf.attention_mask.sum(1)):
             raise ValueError("an original and its counterfactual differ in length: some word is not one token.")
         r = torch.arange(len(chunk), device=device)
@@ -228,10 +230,11 @@ def fitted_probs(model: MixingModel, table: pd.DataFrame) -> pd.DataFrame:
 # %% ../nbs/10a_mechanisms.ipynb #mech-017
 @torch.no_grad()
 def label_patch(model, tokenizer, examples: Sequence[BoxesExample], seed: int = 1, blocks: Sequence[int] | None = None,
-                batch_size: int = 50, progress: bool = True) -> pd.DataFrame:
+                batch_size: int = 50, prefix: str = "", progress: bool = True) -> pd.DataFrame:
     """Per prompt A of `examples`: the top-1 next token when the residual stream at A's label tokens, after every
     block in `blocks` (default: all), is taken from prompt B (same labels, boxes and question; other objects, drawn
-    with `seed` from the tokenizer's usable objects). Column `follows`: 'A', 'B' (B's answer) or 'neither'."""
+    with `seed` from the tokenizer's usable objects). Column `follows`: 'A', 'B' (B's answer) or 'neither'.
+    `prefix` goes before every prompt (see `encode`)."""
     objects, rng = usable_objects(tokenizer), random.Random(seed)
     lay = attention_layout(model)
     names = [lay.module(k, "block") for k in (range(lay.n_layers) if blocks is None else blocks)]
@@ -241,7 +244,7 @@ def label_patch(model, tokenizer, examples: Sequence[BoxesExample], seed: int = 
         A = list(examples[i:i + batch_size])
         B = [BoxesExample(tuple(rng.sample([o for o in objects if o not in a.objects], a.n_boxes)), a.labels, a.query)
              for a in A]
-        ea, eb = encode(A, tokenizer, device=device), encode(B, tokenizer, device=device)
+        ea, eb = (encode(x, tokenizer, device=device, prefix=prefix) for x in (A, B))
         if not torch.equal(ea.label_pos, eb.label_pos):
             raise ValueError("A and B place their labels differently: some object is not one token.")
         r, box = (ea.label_pos >= 0).nonzero(as_tuple=True)
@@ -281,18 +284,15 @@ def _pairs_for(tokenizer, n: int, n_boxes: int, seed: int = MIXING_SEED) -> list
     return mixing_pairs(n, n_boxes, seed, objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
 
 
-def _test_prompts(tokenizer, n: int, n_boxes: int = 7, seed: int = TEST_SEED) -> list[BoxesExample]:
-    "The accuracy chapter's held-out prompts (seed `TEST_SEED`) from the words `tokenizer` has as single tokens."
-    return sample_usable(tokenizer, n, n_boxes, seed)
-
-
 def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites: int | None = None,
-                    n_label: int = 500, name: str = "", seed: int = MIXING_SEED, label_seed: int = TEST_SEED) -> pd.DataFrame:
+                    n_label: int = 500, name: str = "", seed: int = MIXING_SEED, label_seed: int = TEST_SEED,
+                    prefix: str = "") -> pd.DataFrame:
     """One model's measurements: shares and mean probabilities per site and position asked about (1-based; 0: all
-    pairs), with the fitted model's probabilities and fit statistics at the chosen site and the label patch's shares."""
+    pairs), with the fitted model's probabilities and fit statistics at the chosen site and the label patch's shares
+    (on the accuracy chapter's held-out prompts). `prefix` goes before every prompt (see `encode`)."""
     pairs = _pairs_for(tokenizer, n, n_boxes, seed)
     sites = _sites(len(residual_sites(model)), max_sites)
-    patched = mixing_patch(model, tokenizer, pairs, sites, progress=False)
+    patched = mixing_patch(model, tokenizer, pairs, sites, prefix=prefix, progress=False)
     patched["position"] = patched["box positional"] + 1
     table = pd.concat([mechanism_shares(patched).assign(position=0),
                        mechanism_shares(patched, by=("site", "position"))], ignore_index=True)
@@ -304,7 +304,8 @@ def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites:
     chosen = table.site == site
     table = table.assign(chosen=chosen).merge(fit, left_on="position", right_index=True, how="left")
     table.loc[~chosen, fit.columns] = np.nan
-    label = follow_shares(label_patch(model, tokenizer, _test_prompts(tokenizer, n_label, n_boxes, label_seed), progress=False))
+    held_out = sample_usable(tokenizer, n_label, n_boxes, label_seed)
+    label = follow_shares(label_patch(model, tokenizer, held_out, prefix=prefix, progress=False))
     whole = (table.position == 0) & chosen
     for k, v in {**info, "w_pos": fitted.w_pos.item(), **dict(zip(("sigma2", "sigma1", "sigma0"),
                  fitted.sigma.detach().tolist())), **{f"follows {k}": v for k, v in label.items()}}.items():
@@ -319,23 +320,21 @@ def _per_pair(model, tokenizer, n: int, site: int, n_boxes: int = 7, seed: int =
     return [p.original.prompt for p in pairs], at[["pair"]].join(mechanism_probs(at)).set_index("pair")
 
 
-def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_label: int = 500,
-                      extra: Mapping[str, tuple] | None = None, n_extra: int = 100, extra_boxes: int = 4,
-                      max_sites_extra: int = 11) -> dict:
-    """`mechanism_table` of every role model (`models`: name -> (model, tokenizer), base first) and of every
-    `extra` model (fewer pairs and boxes, at most `max_sites_extra` sites), each through the store as
-    `mechanisms_<short name>`; and `mechanisms_vs_base`: each fine-tune against the first model on the same pairs
-    (checked prompt by prompt), each model at its own site."""
-    out = {}
+def stored_mechanism(name: str, model, tokenizer, root=None, n: int = 500, n_boxes: int = 7,
+                     max_sites: int | None = None, n_label: int = 500, prefix: str = "") -> pd.DataFrame:
+    """`mechanism_table` of one model through the store, as `mechanisms_<short name>` (`organism-` dropped)."""
+    short = name.removeprefix("organism-")
+    kw = dict(n=n, n_boxes=n_boxes, max_sites=max_sites, n_label=n_label, prefix=prefix, seed=MIXING_SEED,
+              label_seed=TEST_SEED)
+    return cached(f"mechanisms_{short}", lambda **kw: mechanism_table(model, tokenizer, name=name, **kw), kw, [name], root)
 
-    def one(name, model, tok, kw):
-        short = name.removeprefix("organism-")
-        out[f"mechanisms_{short}"] = cached(f"mechanisms_{short}", lambda **kw: mechanism_table(model, tok, name=name, **kw),
-                                            dict(kw, seed=MIXING_SEED, label_seed=TEST_SEED), [name], root)
-    for name, (model, tok) in models.items():
-        one(name, model, tok, dict(n=n, n_boxes=7, max_sites=None, n_label=n_label))
-    for name, (model, tok) in (extra or {}).items():
-        one(name, model, tok, dict(n=n_extra, n_boxes=extra_boxes, max_sites=max_sites_extra, n_label=n_extra))
+
+def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_label: int = 500) -> dict:
+    """`stored_mechanism` of every role model (`models`: name -> (model, tokenizer), base first), 7 boxes, every
+    site; and `mechanisms_vs_base`: each fine-tune against the first model on the same pairs (checked prompt by
+    prompt), each model at its own site."""
+    out = {f"mechanisms_{name.removeprefix('organism-')}": stored_mechanism(name, model, tok, root, n=n, n_label=n_label)
+           for name, (model, tok) in models.items()}
     names = list(models)
     if len(names) > 1:
         site = {m: int(out[f"mechanisms_{m.removeprefix('organism-')}"].query("chosen and position == 0").site.iloc[0])
@@ -385,7 +384,7 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
                   on_eval=lambda step, m: snapshots.__setitem__(step, copy.deepcopy(m).eval()))
     finally:
         torch.set_num_threads(threads)
-    examples = _test_prompts(tok, n, seed=seed)
+    examples = sample_usable(tok, n, 7, seed)
     pairs = _pairs_for(tok, n, 7, mixing_seed)
     shipped, _ = load_model(f"organism-{role}")
     batch = encode(examples[:50], tok)

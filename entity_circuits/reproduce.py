@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from .circuit import (find_circuit_stored, need_circuit, stored_completeness, stored_cross_circuit,
@@ -25,9 +24,10 @@ from .zoo import Config, Zoo, default_models
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'step', 'step_organisms',
-           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
-           'step_extras', 'step_figures', 'root_for', 'reproduce']
+__all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
+           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_circuit', 'step_dcm',
+           'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_extras', 'step_figures',
+           'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -121,14 +121,14 @@ def step_knockout(zoo: Zoo, root=None) -> dict:
 @step("mechanisms")
 def step_mechanisms(zoo: Zoo, root=None) -> dict:
     """The mechanisms chapter's tables: positional / lexical / reflexive retrieval and the label-only patch of every
-    model (`mechanisms_<model>`), each fine-tune against the base (`mechanisms_vs_base`)."""
+    role model (`mechanisms_<model>`), each fine-tune against the base (`mechanisms_vs_base`); extra models' are
+    the `extras` step's."""
     if not zoo.by_role():
         return {}
     from entity_circuits.mechanisms import stored_mechanisms
     c = zoo.config
     return stored_mechanisms({m: zoo.load(m) for m in zoo.by_role().values()}, root, n=c.n_mixing,
-                             n_label=c.n_label_patch, extra={m: zoo.load(m) for m in zoo.extras},
-                             n_extra=c.n_mixing_extra, extra_boxes=c.mixing_extra_boxes)
+                             n_label=c.n_label_patch)
 
 
 @step("trajectory")
@@ -147,16 +147,39 @@ def step_trajectory(zoo: Zoo, root=None) -> dict:
 
 
 # %% ../nbs/11_reproduce.ipynb #stepextras
+EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query label -> previous query label",
+                        "last -> random")
+EXTRA_KNOCKOUT_STRIDE, EXTRA_MECHANISM_SITES = 5, 11
+"""On an extra model (deep, slow on a CPU) the knockout runs the paper's three edges and a control, blocking from
+every fifth layer; the mechanism is read at 11 of its residual sites."""
+
+
 @step("extras")
 def step_extras(zoo: Zoo, root=None) -> dict:
     """The SmolLM2 chapter's tables for every extra model: accuracy by boxes under both templates
-    (`accuracy_grid_<model>`), and path patching where the model tracks (`path_patching_<model>`)."""
-    from entity_circuits.smollm2 import best_setting, stored_accuracy_grid, stored_circuit_scores
+    (`accuracy_grid_<model>`) and, at the template and box count where it tracks best: path patching
+    (`path_patching_<model>`), its binding mechanism (`mechanisms_<model>`, `n_mixing_extra` pairs) and attention
+    knockout (`knockout_<model>`, restricted accuracy on `n_mixing_extra` prompts)."""
+    from entity_circuits.knockout import stored_knockout
+    from entity_circuits.mechanisms import stored_mechanism
+    from entity_circuits.smollm2 import best_setting, stored_accuracy_grid, stored_circuit_scores, template_prefix
+    from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
     for m in zoo.extras:
         grid = out[f"accuracy_grid_{m}"] = stored_accuracy_grid(m, root, n=c.n_extra, box_counts=c.box_counts)
-        if (best := best_setting(grid)) is not None:
-            out[f"path_patching_{m}"] = stored_circuit_scores(m, *best, root, n=c.n_ft_discovery)
+        if (best := best_setting(grid)) is None:
+            continue                                     # it tracks nowhere: the chapter shows that and stops
+        template, n_boxes = best
+        out[f"path_patching_{m}"] = stored_circuit_scores(m, template, n_boxes, root, n=c.n_ft_discovery)
+        model, tok = zoo.load(m)
+        prefix = template_prefix(tok, template)
+        out[f"mechanisms_{m}"] = stored_mechanism(m, model, tok, root, n=c.n_mixing_extra, n_boxes=n_boxes,
+                                                  max_sites=EXTRA_MECHANISM_SITES, n_label=c.n_mixing_extra,
+                                                  prefix=prefix)
+        layers = list(range(0, attention_layout(model).n_layers, EXTRA_KNOCKOUT_STRIDE))
+        out[f"knockout_{m}"] = stored_knockout({m: (model, tok)}, root, n=c.n_mixing_extra, name=f"knockout_{m}",
+                                               n_boxes=n_boxes, edges=list(EXTRA_KNOCKOUT_EDGES), layers_from=layers,
+                                               prefix=prefix, restrict=True)
     return out
 
 # %% ../nbs/11_reproduce.ipynb #79eaa941
