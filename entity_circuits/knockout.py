@@ -49,6 +49,7 @@ def _as_edges(edges) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+# %% ../nbs/10_knockout.ipynb #2fb09d10
 def _edited_mask(mask, edges, hidden: torch.Tensor, impl: str) -> torch.Tensor:
     "A copy of one layer's attention mask with `edges` removed (the model passes one mask object to every layer)."
     b, T = hidden.shape[:2]

@@ -93,6 +93,7 @@ def _context_probs(logits: torch.Tensor, batch) -> torch.Tensor:
     return last.gather(1, objects).float().softmax(-1)
 
 
+# %% ../nbs/10a_mechanisms.ipynb #58498ed3
 @torch.no_grad()
 def mixing_patch(model, tokenizer, pairs: Sequence[MixingPair], sites: Sequence[int] | None = None,
                  batch_size: int = 50, prefix: str = "", progress: bool = True) -> pd.DataFrame:
@@ -136,6 +137,7 @@ def mixing_patch(model, tokenizer, pairs: Sequence[MixingPair], sites: Sequence[
     return pd.DataFrame(rows)
 
 
+# %% ../nbs/10a_mechanisms.ipynb #2ef6b25e
 def mechanism_probs(table: pd.DataFrame) -> pd.DataFrame:
     "Per row of a `mixing_patch` table: the probability of each mechanism's object (columns `p <mechanism>`)."
     P = table.filter(regex=r"^p\d+$").to_numpy()
