@@ -53,7 +53,7 @@ def fmt(value: float, lo: float | None = None, hi: float | None = None, signed: 
     f = (lambda x: f"{x:+.2f}") if signed else (lambda x: f"{x:.2f}")
     return f(value) + (f" [{f(lo)}, {f(hi)}]" if lo is not None and np.isfinite(lo) else "")
 
-# %% ../nbs/10b_verdict.ipynb #3ecc7181
+# %% ../nbs/10b_verdict.ipynb #7a351804
 def _role(name) -> str:
     return name if name in ROLES.values() else role_of(name) or str(name)
 
@@ -98,6 +98,7 @@ def claim_chat_accuracy(root=None) -> dict:
                 verdict={"unclear": "holds", "below": "partly", "above": "does not hold"}[side])
 
 
+# %% ../nbs/10b_verdict.ipynb #a73a57d8
 def claim_faithful(root=None) -> dict:
     "The base circuit is faithful in the fine-tuned models (faithfulness, context kept, clearly at least `FAITHFUL`)."
     paper = "; ".join(f"{r['paper model']} {r['paper faithfulness']:.2f}" for role, r in PAPER_TABLE1.iterrows() if role != "base")
@@ -114,6 +115,7 @@ def claim_faithful(root=None) -> dict:
                 + "".join(base) + ")", verdict=judge([compare(r.ci_low, r.ci_high, FAITHFUL) for r in t.itertuples()]))
 
 
+# %% ../nbs/10b_verdict.ipynb #2a8e9523
 MAIN_FUNCTION = {"value_fetcher": "object", "pos_transmitter": "position", "pos_detector": "position",
                  "struct_reader": "position"}
 "The function (DCM desideratum) each group carries in the paper."
@@ -166,6 +168,7 @@ def claim_functions(root=None) -> dict:
     return dict(row, organisms="; ".join(cells) + " (fine-tune / base)", verdict=judge(outcomes))
 
 
+# %% ../nbs/10b_verdict.ipynb #510e85bb
 def _paper_cmap() -> str:
     try:
         from entity_circuits.cmap import PAPER_CMAP, PAPER_CMAP_BASE
@@ -206,6 +209,7 @@ def claim_cmap(root=None) -> dict:
     return dict(row, organisms="; ".join(cells) + " (accuracy change of the base)", verdict=judge(outcomes))
 
 
+# %% ../nbs/10b_verdict.ipynb #ba917c99
 def claim_positional(root=None) -> dict:
     """Fine-tuning improves positional handling (the paper's reading of its CMAP and DCM results; Gur-Arieh et al.'s
     positional mechanism): the math fine-tunes' probability of the positional answer in the mechanisms chapter's
