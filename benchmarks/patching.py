@@ -396,6 +396,14 @@ def main(argv=None):
         raise SystemExit(f"no nnsight venv at {args.nnsight_python}: create it as README.md says, "
                          "or pass --skip-nnsight.")
 
+    if "nnsight" in methods:   # before any timing: the nnsight venv must load the model too (e.g. SmolLM2's extra)
+        check = subprocess.run([str(args.nnsight_python), "-c", "import sys; from entity_circuits.models import "
+                                "load_model; load_model(sys.argv[1])", args.model], capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if check.returncode != 0:
+            raise SystemExit(f"the nnsight venv ({args.nnsight_python}) cannot load {args.model}:\n"
+                             f"{check.stderr.strip().splitlines()[-1]}\n(see README.md), or pass --skip-nnsight.")
+
     _single_thread()
     import numpy as np
     import torch
