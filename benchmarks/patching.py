@@ -43,6 +43,7 @@ MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 # the hook-overhead workers' environments (glibc's own MALLOC_* variables are removed from both)
 ALLOCATORS = {"glibc defaults": {"ENTITY_CIRCUITS_MALLOC": "default"}, "as imported": {}}
 SPEED_TARGET, HOOK_TARGET = 10.0, 1.02                           # the issues' targets: engine >= 10x, hooks <= 1.02x
+DEEP_SPEED_TARGET = 30.0                                          # ... and >= 30x on a deep model (SmolLM2: 30 layers)
 DEFAULT_SAVE = HERE / "results" / "patching.json"
 
 
@@ -495,27 +496,30 @@ def main(argv=None):
     print(f"scores identical (max |difference| {max(diffs.values()):.1e} < {TOLERANCE:g})" if ok else
           f"scores DIFFER (max |difference| {max(diffs.values()):.1e} >= {TOLERANCE:g})")
 
-    print("\nhook overhead: forward pass under TraceDict(every o_proj, retain_input=True) / plain forward pass "
-          "(median of per-turn ratios; 'with' times entering and leaving the TraceDict too, 'registered' only "
-          "the pass; 'control' is a plain pass over another plain pass: the noise floor), each allocator in its "
-          f"own fresh worker ('as imported' = what `import entity_circuits.tracing` sets: "
-          f"{', '.join(f'{k}={v}' for k, (_, v) in MALLOC_SETTINGS.items())}; 'glibc defaults' = ENTITY_CIRCUITS_MALLOC=default)")
-    print("| malloc | prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
-          "| ratio control | cost with (us) | cost registered (us) | page faults / pass |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, rows in hooks.items():
-        for h in rows:
-            print(f"| {name} | {h['batch']} | {h['reps']} | {h['plain_ms']:.3f} | {h['with_ms']:.3f} "
-                  f"| {h['registered_ms']:.3f} | {h['ratio_with']:.3f} | {h['ratio_registered']:.3f} "
-                  f"| {h['ratio_control']:.3f} | {h['cost_with_us']:.0f} | {h['cost_registered_us']:.0f} "
-                  f"| {h['minflt_per_pass']:.0f} |")
+    if not hooks:
+        print("\nhook overhead: not measured (--skip-hooks)")
+    else:
+        print("\nhook overhead: forward pass under TraceDict(every o_proj, retain_input=True) / plain forward pass "
+              "(median of per-turn ratios; 'with' times entering and leaving the TraceDict too, 'registered' only "
+              "the pass; 'control' is a plain pass over another plain pass: the noise floor), each allocator in its "
+              f"own fresh worker ('as imported' = what `import entity_circuits.tracing` sets: "
+              f"{', '.join(f'{k}={v}' for k, (_, v) in MALLOC_SETTINGS.items())}; 'glibc defaults' = ENTITY_CIRCUITS_MALLOC=default)")
+        print("| malloc | prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
+              "| ratio control | cost with (us) | cost registered (us) | page faults / pass |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, rows in hooks.items():
+            for h in rows:
+                print(f"| {name} | {h['batch']} | {h['reps']} | {h['plain_ms']:.3f} | {h['with_ms']:.3f} "
+                      f"| {h['registered_ms']:.3f} | {h['ratio_with']:.3f} | {h['ratio_registered']:.3f} "
+                      f"| {h['ratio_control']:.3f} | {h['cost_with_us']:.0f} | {h['cost_registered_us']:.0f} "
+                      f"| {h['minflt_per_pass']:.0f} |")
 
     print("\ntargets (printed, not asserted: one run on a shared machine is not a verdict):")
+    target = SPEED_TARGET if args.model == "organism-base" else DEEP_SPEED_TARGET
     for m in ("naive", "nnsight"):
         if m in results:
             x = results[m]["speedup"]
-            print(f"  engine >= {SPEED_TARGET:g}x faster than {labels[m]}: {x:.1f}x "
-                  f"{'met' if x >= SPEED_TARGET else 'NOT met'}")
+            print(f"  engine >= {target:g}x faster than {labels[m]}: {x:.1f}x {'met' if x >= target else 'NOT met'}")
     for name, rows in hooks.items():
         for h in rows:
             print(f"  hooked forward <= {HOOK_TARGET}x a plain one ({name}, {h['batch']} prompt(s), hooks registered"
