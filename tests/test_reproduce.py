@@ -235,3 +235,34 @@ def test_the_papers_tier_end_to_end_from_local_directories(tmp_path):
         assert not torch.allclose(goat(ids).logits, llama(ids).logits)
     v = verdict_table(tmp_path / "results")
     assert (v.verdict != NOT_COMPUTED).sum() >= 4, v[["claim", "verdict"]]
+
+
+def test_extras_step_where_an_extra_model_tracks(tmp_path, monkeypatch):
+    """The `extras` step on an extra model that tracks: the base organism saved as a local model with a chat template
+    (a directory named by a plain relative path: table names are file names). Where it tracks best, the step stores
+    path patching, the binding mechanism and the knockout, all under that template and box count."""
+    from entity_circuits.models import load_model
+    from entity_circuits.reproduce import EXTRA_KNOCKOUT_EDGES, step_extras
+    from entity_circuits.smollm2 import best_setting, template_prefix
+    from entity_circuits.zoo import Config
+    model, tok = load_model("organism-base")
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    monkeypatch.chdir(tmp_path)
+    name = "tracker"
+    model.save_pretrained(name)
+    tok.save_pretrained(name)
+    zoo = Zoo([name], Config.smoke())
+    assert zoo.extras == [name] and not zoo.by_role()
+    out = step_extras(zoo, tmp_path / "results")
+    best = best_setting(out[f"accuracy_grid_{name}"])
+    assert best is not None, out[f"accuracy_grid_{name}"]
+    template, k = best
+    assert {f"path_patching_{name}", f"mechanisms_{name}", f"knockout_{name}"} <= set(out)
+    assert (out[f"path_patching_{name}"].template == template).all()
+    assert (out[f"mechanisms_{name}"].n_boxes == k).all()
+    ko = out[f"knockout_{name}"]
+    assert list(dict.fromkeys(ko.edge)) == list(EXTRA_KNOCKOUT_EDGES) and set(ko.layer_from) == {0, 4}
+    info = result_info(f"knockout_{name}", tmp_path / "results")
+    assert info["params"]["prefix"] == template_prefix(tok, template) and info["params"]["restrict"]
+    assert result_info(f"mechanisms_{name}", tmp_path / "results")["params"]["prefix"] == template_prefix(tok, template)
