@@ -36,10 +36,14 @@ $(SMOLLM2_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt "gguf==0.19.0"
 	touch $(SMOLLM2_STAMP)
 
-# Unit tests + every chapter executed by nbval, after checking the notebooks are the source.
+# Unit tests + every chapter executed by nbval, after checking the notebooks are the source. One pytest worker per
+# core (pytest-xdist; --dist loadscope keeps each notebook's cells, and each test module, on one worker, in order),
+# each with one torch thread: two torch processes with default threads slow each other several times over.
+TEST_WORKERS ?= auto
 test: setup
 	$(BIN)/python tools/check_sources.py
-	$(BIN)/python -m pytest tests/ --nbval-lax --nbval-current-env nbs/ -p no:cacheprovider
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest tests/ --nbval-lax --nbval-current-env nbs/ \
+	    -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope
 
 # The main job on the shipped defaults: every experiment into results/ (resumable), then the book
 # (which executes every chapter, reusing those results) in _build/html/.
