@@ -70,7 +70,7 @@ step_table1 = step("table1")(stored_table1)
 step_cross_circuit = step("cross_circuit")(stored_cross_circuit)
 step_completeness = step("completeness")(stored_completeness)
 
-# %% ../nbs/11_reproduce.ipynb #7262f77a
+# %% ../nbs/11_reproduce.ipynb #962cceb7
 @step("dcm")
 def step_dcm(zoo: Zoo, root=None) -> dict:
     """The DCM chapter's tables: DCM on every role's own circuit (`dcm_<model>`), Fig. 3 of the base's DCM heads in
@@ -108,6 +108,7 @@ def step_cmap(zoo: Zoo, root=None) -> dict:
             "cmap_inputs": stored_cmap(base, sources, heads, inputs=True, root=root, load=zoo.load, n=n)}
 
 
+# %% ../nbs/11_reproduce.ipynb #b9f945d2
 @step("knockout")
 def step_knockout(zoo: Zoo, root=None) -> dict:
     "The knockout chapter's curves of every role model (`knockout_curves`)."
@@ -131,6 +132,7 @@ def step_mechanisms(zoo: Zoo, root=None) -> dict:
                              n_label=c.n_label_patch)
 
 
+# %% ../nbs/11_reproduce.ipynb #6d6f9c48
 @step("trajectory")
 def step_trajectory(zoo: Zoo, root=None) -> dict:
     "The mechanisms chapter's snapshots along the math organisms' fine-tuning (`trajectory_<role>`)."
