@@ -163,7 +163,7 @@ def step_extras(zoo: Zoo, root=None) -> dict:
     (`path_patching_<model>`), its binding mechanism (`mechanisms_<model>`, `n_mixing_extra` pairs) and attention
     knockout (`knockout_<model>`, restricted accuracy on `n_mixing_extra` prompts)."""
     from entity_circuits.knockout import stored_knockout
-    from entity_circuits.mechanisms import stored_mechanism
+    from entity_circuits.mechanisms import MECHANISMS, stored_mechanism
     from entity_circuits.smollm2 import best_setting, stored_accuracy_grid, stored_circuit_scores, template_prefix
     from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
@@ -175,9 +175,13 @@ def step_extras(zoo: Zoo, root=None) -> dict:
         out[f"path_patching_{m}"] = stored_circuit_scores(m, template, n_boxes, root, n=c.n_ft_discovery)
         model, tok = zoo.load(m)
         prefix = template_prefix(tok, template)
-        out[f"mechanisms_{m}"] = stored_mechanism(m, model, tok, root, n=c.n_mixing_extra, n_boxes=n_boxes,
-                                                  max_sites=EXTRA_MECHANISM_SITES, n_label=c.n_mixing_extra,
-                                                  prefix=prefix)
+        if n_boxes >= len(MECHANISMS):                   # each answer a mechanism can give needs its own box
+            out[f"mechanisms_{m}"] = stored_mechanism(m, model, tok, root, n=c.n_mixing_extra, n_boxes=n_boxes,
+                                                      max_sites=EXTRA_MECHANISM_SITES, n_label=c.n_mixing_extra,
+                                                      prefix=prefix)
+        else:
+            _log.info("%s tracks best at %d boxes: too few to tell %d mechanisms apart, no mechanism table", m,
+                     n_boxes, len(MECHANISMS))
         layers = list(range(0, attention_layout(model).n_layers, EXTRA_KNOCKOUT_STRIDE))
         out[f"knockout_{m}"] = stored_knockout({m: (model, tok)}, root, n=c.n_mixing_extra, name=f"knockout_{m}",
                                                n_boxes=n_boxes, edges=list(EXTRA_KNOCKOUT_EDGES), layers_from=layers,

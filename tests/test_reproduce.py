@@ -237,21 +237,27 @@ def test_the_papers_tier_end_to_end_from_local_directories(tmp_path):
     assert (v.verdict != NOT_COMPUTED).sum() >= 4, v[["claim", "verdict"]]
 
 
-def test_extras_step_where_an_extra_model_tracks(tmp_path, monkeypatch):
-    """The `extras` step on an extra model that tracks: the base organism saved as a local model with a chat template
-    (a directory named by a plain relative path: table names are file names). Where it tracks best, the step stores
-    path patching, the binding mechanism and the knockout, all under that template and box count."""
+@pytest.fixture
+def tracker(tmp_path, monkeypatch):
+    """An extra model that tracks: the base organism saved as a local model with a chat template, in a directory named
+    by a plain relative path (table names are file names)."""
     from entity_circuits.models import load_model
-    from entity_circuits.reproduce import EXTRA_KNOCKOUT_EDGES, step_extras
-    from entity_circuits.smollm2 import best_setting, template_prefix
-    from entity_circuits.zoo import Config
     model, tok = load_model("organism-base")
     tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}[assistant] {% endif %}")
     monkeypatch.chdir(tmp_path)
-    name = "tracker"
-    model.save_pretrained(name)
-    tok.save_pretrained(name)
+    model.save_pretrained("tracker")
+    tok.save_pretrained("tracker")
+    return "tracker", tok
+
+
+def test_extras_step_where_an_extra_model_tracks(tracker, tmp_path):
+    """Where the extra model tracks best, the `extras` step stores path patching, the binding mechanism and the
+    knockout, all under that template and box count."""
+    from entity_circuits.reproduce import EXTRA_KNOCKOUT_EDGES, step_extras
+    from entity_circuits.smollm2 import best_setting, template_prefix
+    from entity_circuits.zoo import Config
+    name, tok = tracker
     zoo = Zoo([name], Config.smoke())
     assert zoo.extras == [name] and not zoo.by_role()
     out = step_extras(zoo, tmp_path / "results")
@@ -266,3 +272,15 @@ def test_extras_step_where_an_extra_model_tracks(tmp_path, monkeypatch):
     info = result_info(f"knockout_{name}", tmp_path / "results")
     assert info["params"]["prefix"] == template_prefix(tok, template) and info["params"]["restrict"]
     assert result_info(f"mechanisms_{name}", tmp_path / "results")["params"]["prefix"] == template_prefix(tok, template)
+
+
+def test_extras_step_with_too_few_boxes_for_the_mechanisms(tracker, tmp_path):
+    "Tracking best at 3 boxes: the three mechanisms and the original's answer need 4, so no mechanism table; the rest runs."
+    import dataclasses
+    from entity_circuits.reproduce import step_extras
+    from entity_circuits.smollm2 import best_setting
+    from entity_circuits.zoo import Config
+    name, _ = tracker
+    out = step_extras(Zoo([name], dataclasses.replace(Config.smoke(), box_counts=(3,))), tmp_path / "results")
+    assert best_setting(out[f"accuracy_grid_{name}"])[1] == 3
+    assert f"knockout_{name}" in out and f"path_patching_{name}" in out and f"mechanisms_{name}" not in out
