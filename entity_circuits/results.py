@@ -5,6 +5,7 @@
 # %% ../nbs/00_results.ipynb #2eeeacc2
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -14,15 +15,15 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import pandas as pd
 
 _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
-__all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'error_of', 'results_dir', 'module_dependencies', 'code_fingerprint',
-           'model_fingerprint', 'result_info', 'load_result', 'is_current', 'cached', 'save_figure']
+__all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'STORE_MODULE', 'error_of', 'results_dir', 'CodeUnit', 'code_units', 'code_closure',
+           'code_fingerprint', 'model_fingerprint', 'result_info', 'load_result', 'is_current', 'cached', 'save_figure']
 
 # %% ../nbs/00_results.ipynb #errorof1
 def error_of(f, exc=Exception, contains=""):
@@ -59,38 +60,136 @@ def _package_files() -> dict[str, bytes]:
     return {".".join(("entity_circuits", *p.relative_to(pkg).with_suffix("").parts)).removesuffix(".__init__"): p.read_bytes()
             for p in sorted(pkg.rglob("*.py")) if p.name != "_modidx.py" and "__pycache__" not in p.parts}
 
+# %% ../nbs/00_results.ipynb #bc554290
+STORE_MODULE = "entity_circuits.results"
 
-def module_dependencies(module: str) -> list[str]:
-    "`module` and every package module it imports (at the top or inside a function), transitively; sorted."
-    import ast
-    files, seen, todo = _package_files(), set(), [module]
-    while todo:
-        m = todo.pop()
-        if m in seen or m not in files:
-            continue
-        seen.add(m)
-        for node in ast.walk(ast.parse(files[m])):
-            if isinstance(node, ast.ImportFrom):
-                base = "entity_circuits" if node.level else ""
-                name = ".".join(filter(None, [base, node.module]))
-                todo += [name] + [f"{name}.{a.name}" for a in node.names]   # `from . import x` names a module
-            elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names]
-    return sorted(seen)
+
+class CodeUnit(NamedTuple):
+    "One top-level statement (or several that bind the same name) of a package module."
+    module: str
+    names: frozenset[str]   # the names it binds
+    text: str               # its source, without docstrings
+    uses: frozenset[str]    # every identifier in it
+
+
+def _targets(t) -> list[str]:
+    "Names an assignment target binds: `x`, `a, b`, `Cls.attr` (binds `attr`), `X[k]` (adds to `X`)."
+    if isinstance(t, ast.Name):
+        return [t.id]
+    if isinstance(t, ast.Attribute):
+        return [t.attr]
+    if isinstance(t, (ast.Subscript, ast.Starred)):
+        return _targets(t.value)
+    if isinstance(t, (ast.Tuple, ast.List)):
+        return [n for e in t.elts for n in _targets(e)]
+    return []
+
+
+def _binds(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Assign):
+        return [n for t in node.targets for n in _targets(t)]
+    if isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+        return _targets(node.target)
+    return []
+
+
+def _uses(node: ast.AST) -> set[str]:
+    "Every identifier in `node`: names, attribute names, and string constants that are identifiers."
+    out = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.isidentifier():
+            out.add(n.value)
+    return out
+
+
+def _docstring_lines(node: ast.AST) -> set[int]:
+    "The line numbers of the docstrings of every function and class inside `node`."
+    out = set()
+    for n in ast.walk(node):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body:
+            d = n.body[0]
+            if isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str):
+                out |= set(range(d.lineno, d.end_lineno + 1))
+    return out
+
+# %% ../nbs/00_results.ipynb #b60bee02
+def code_units(files: Mapping[str, bytes] | None = None) -> dict[str, CodeUnit]:
+    """The package's code as units (see above), keyed `module:name` (`module:` for what binds nothing); `files`
+    maps module names to sources (default: the running package's)."""
+    if files is None:
+        return _current_units()
+    parts: dict[str, dict] = {}
+    for module, source in sorted(files.items()):
+        text = source.decode() if isinstance(source, bytes) else source
+        lines, tree = text.splitlines(), ast.parse(text)
+        aliases = {a.asname: a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names if a.asname}
+        for i, node in enumerate(tree.body):
+            names = _binds(node)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) or names == ["__all__"] or (
+                    i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):   # the module's docstring
+                continue
+            first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+            skip = _docstring_lines(node)
+            seg = "\n".join(l for k, l in enumerate(lines[first - 1:node.end_lineno], first) if k not in skip)
+            uses = _uses(node)
+            u = parts.setdefault(f"{module}:{names[0] if names else ''}", {"module": module, "names": set(), "text": [], "uses": set()})
+            u["names"] |= set(names)
+            u["text"].append(seg)
+            u["uses"] |= uses | {aliases[x] for x in uses if x in aliases}
+    return {k: CodeUnit(u["module"], frozenset(u["names"]), "\n".join(u["text"]), frozenset(u["uses"]))
+            for k, u in parts.items()}
 
 
 @functools.lru_cache(maxsize=None)
-def code_fingerprint(module: str | None = None) -> str:
-    """sha256 over the code of `module` and the package modules it uses (`module_dependencies`); over the whole
-    package when `module` is None or not one of the package's."""
-    files = _package_files()
-    names = module_dependencies(module) if module in files else sorted(files)
-    h = hashlib.sha256()
-    for m in names:
-        h.update(m.encode() + b"\0" + files[m] + b"\0")
+def _current_units() -> dict[str, CodeUnit]:
+    return code_units(_package_files())
+
+# %% ../nbs/00_results.ipynb #a59fc658
+def code_closure(start: str | None = None, files: Mapping[str, bytes] | None = None) -> list[str]:
+    """The units `start` reaches, itself included, sorted. `start` is a unit (`module:name`) or a module (all its
+    units); None, or anything that is not the package's, reaches every unit but the store's."""
+    units = code_units(files)
+    binders: dict[str, set[str]] = {}
+    for key, u in units.items():
+        if u.module != STORE_MODULE:
+            for name in u.names:
+                binders.setdefault(name, set()).add(key)
+    todo = [start] if start in units else [k for k, u in units.items() if u.module == start]
+    if not todo:
+        todo = [k for k, u in units.items() if u.module != STORE_MODULE]
+    seen: set[str] = set()
+    while todo:
+        key = todo.pop()
+        if key in seen or key not in units:
+            continue
+        seen.add(key)
+        todo.append(f"{units[key].module}:")          # what the module runs at import
+        for name in units[key].uses:
+            todo += binders.get(name, ())
+    return sorted(seen)
+
+
+def code_fingerprint(start: str | None = None, files: Mapping[str, bytes] | None = None) -> str:
+    "sha256 over the source of every unit `start` reaches (`code_closure`)."
+    if files is None:
+        return _current_fingerprint(start)
+    units, h = code_units(files), hashlib.sha256()
+    for key in code_closure(start, files):
+        h.update(key.encode() + b"\0" + units[key].text.encode() + b"\0")
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _current_fingerprint(start: str | None) -> str:
+    return code_fingerprint(start, _package_files())
+
+# %% ../nbs/00_results.ipynb #0b78e564
 def model_fingerprint(name: str) -> str:
     "What identifies model `name`: the manifest sha256s of an organism's files, or a registered spec's id / a path."
     from entity_circuits.models import MANIFEST_NAME, REGISTRY, gguf_path, organisms_dir
@@ -152,19 +251,21 @@ def _jsonable(x):
     return json.loads(json.dumps(x, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _code_module(compute) -> str | None:
-    """The package module `compute` is defined in (through `functools.partial`; a chapter's exported definition
-    through `_exported_module`), or None if it is not the package's."""
+def _code_unit(compute) -> str | None:
+    """The package unit (`module:name`) that defines `compute`: through `functools.partial`, and for a lambda or
+    closure the top-level function it was made in; a chapter's exported definition through `_exported_module`.
+    None if it is not the package's."""
     fn = getattr(compute, "func", compute)
     module = getattr(fn, "__module__", None) or ""
     if module == "__main__":
-        return _exported_module(fn)
-    return module if module.startswith("entity_circuits.") else None
+        module = _exported_module(fn) or ""
+    outer = getattr(fn, "__qualname__", "").split(".<locals>")[0].split(".")[0]
+    return f"{module}:{outer}" if module.startswith("entity_circuits.") else None
 
 
-def _fingerprints(params: dict, models: Sequence[str], module: str | None) -> dict:
+def _fingerprints(params: dict, models: Sequence[str], unit: str | None) -> dict:
     return {"params": _jsonable(params), "models": {m: model_fingerprint(m) for m in models},
-            "code_module": module, "code": code_fingerprint(module)}
+            "code_unit": unit, "code": code_fingerprint(unit)}
 
 
 def result_info(name: str, root: str | os.PathLike | None = None) -> dict | None:
@@ -192,7 +293,7 @@ def load_result(name: str, root: str | os.PathLike | None = None) -> pd.DataFram
 def is_current(name: str, params: dict, models: Sequence[str] = (), root: str | os.PathLike | None = None) -> bool:
     "True if the stored result `name` is complete and was made by these params, models and the current code."
     info = result_info(name, root)
-    return info is not None and all(info.get(k) == v for k, v in _fingerprints(params, models, info.get("code_module")).items())
+    return info is not None and all(info.get(k) == v for k, v in _fingerprints(params, models, info.get("code_unit")).items())
 
 
 def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models: Sequence[str] = (),
@@ -206,7 +307,7 @@ def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models
     except TypeError as e:
         raise TypeError(f"result {name!r}: compute must take exactly the recorded parameters {sorted(params)} "
                         f"as keywords ({e}).") from None
-    want = _fingerprints(params, list(models), _code_module(compute))
+    want = _fingerprints(params, list(models), _code_unit(compute))
     force = os.environ.get(RECOMPUTE_ENV, "") not in ("", "0")
     if not force and (info := result_info(name, root)) is not None and all(info.get(k) == v for k, v in want.items()):
         table = load_result(name, root)

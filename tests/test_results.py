@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -204,3 +205,14 @@ def test_the_recorded_parameters_are_the_ones_passed(tmp_path):
     with pytest.raises(TypeError, match="exactly the recorded parameters"):
         cached("u", compute, {"n": 3, "seed": 7, "context": "keep"}, root=tmp_path)   # recorded, never passed
     assert seen == [(3, 7)] and load_result("u", tmp_path) is None          # refused before anything ran
+
+
+def test_every_committed_table_is_current_for_the_code():
+    """A change to code a stored table depends on must come with the table recomputed (`entity-circuits reproduce`):
+    otherwise the book and CI would recompute it, for hours. Parameters and models are checked where the tables are
+    read; the code is what an edit silently changes."""
+    records = sorted((Path(__file__).resolve().parents[1] / "results").glob("*.json"))
+    assert len(records) >= 40
+    stale = [p.stem for p in records
+             if (info := json.loads(p.read_text()))["code"] != results.code_fingerprint(info["code_unit"])]
+    assert not stale, f"stored tables whose code changed since they were computed: {stale}"

@@ -1,0 +1,80 @@
+"""Carry the store's records over from module fingerprints to unit fingerprints without recomputing a table.
+
+Until commit 97ba99f a record's `code` was a sha256 over the package modules that the computing module imports,
+transitively (`code_module` named that module). Now it is a sha256 over the code units the computing function can
+reach (`code_unit`; see the results chapter). A record of the old kind whose `code` equals the old rule's hash of
+commit OLD's package was computed by OLD's code, so the new rule's hash *of OLD's code* describes it exactly. This
+runs `entity-circuits reproduce` with `cached` wrapped: before each stored table is looked up, such a record is
+rewritten with that hash. `cached` then compares it with the running code, as it always does, and recomputes the
+tables whose code changed since OLD. A record that does not match OLD is left as it is (and is recomputed as stale).
+
+usage: python tools/adopt_code_units.py OLD_COMMIT [reproduce options, e.g. --only dcm]
+"""
+import ast
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def package_at(commit: str) -> dict[str, bytes]:
+    "The package's modules (not `_modidx.py`) at `commit`, by module name."
+    names = subprocess.run(["git", "ls-tree", "--name-only", commit, "entity_circuits/"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    return {"entity_circuits." + Path(n).stem if Path(n).stem != "__init__" else "entity_circuits":
+            subprocess.run(["git", "show", f"{commit}:{n}"], cwd=ROOT, check=True, capture_output=True).stdout
+            for n in names if n.endswith(".py") and not n.endswith("_modidx.py")}
+
+
+def old_fingerprint(module: str | None, files: dict[str, bytes]) -> str:
+    "The rule of 97ba99f: sha256 over `module` and the package modules it imports, transitively."
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in files:
+            continue
+        seen.add(m)
+        for node in ast.walk(ast.parse(files[m])):
+            if isinstance(node, ast.ImportFrom):
+                name = ".".join(filter(None, ["entity_circuits" if node.level else "", node.module]))
+                todo += [name] + [f"{name}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    h = hashlib.sha256()
+    for m in (sorted(seen) if module in files else sorted(files)):
+        h.update(m.encode() + b"\0" + files[m] + b"\0")
+    return h.hexdigest()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-"):
+        print(__doc__)
+        return 2
+    old, rest = argv[0], argv[1:]
+    from entity_circuits import results
+    files = package_at(old)
+    adopted, original = [], results.cached
+
+    def adopting(name, compute, params, models=(), root=None):
+        info = results.result_info(name, root)
+        if info is not None and "code_unit" not in info and info.get("code") == old_fingerprint(info.get("code_module"), files):
+            unit = results._code_unit(compute)
+            info.pop("code_module")
+            info.update(code_unit=unit, code=results.code_fingerprint(unit, files))
+            _, meta = results._paths(name, root)
+            results._atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+            adopted.append(name)
+        return original(name, compute, params, models, root)
+
+    results.cached = adopting          # before any module that stores tables imports it
+    from entity_circuits.cli import main as cli
+    code = cli(["reproduce", *rest])
+    print(f"adopted {len(adopted)} records: {', '.join(adopted)}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
