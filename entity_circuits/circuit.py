@@ -23,10 +23,10 @@ from .zoo import TEST_SEED, Zoo
 
 # %% auto #0
 __all__ = ['MEANS_SEED', 'POSITIONS', 'PAPER_TABLE1', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
-           'evaluate_circuit', 'zoo_means', 'minimality', 'prune', 'circuit_table', 'circuit_from_table',
-           'find_circuit_stored', 'stored_circuit', 'need_circuit', 'circuit_in_models', 'stored_table1', 'overlap',
-           'stored_cross_circuit', 'completeness', 'stored_completeness', 'plot_completeness', 'head_grids',
-           'attention_pattern', 'plot_circuit']
+           'evaluate_circuit', 'zoo_means', 'minimality', 'minimality_table', 'prune', 'circuit_table',
+           'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'need_circuit', 'circuit_in_models',
+           'stored_table1', 'overlap', 'stored_cross_circuit', 'completeness', 'stored_completeness',
+           'plot_completeness', 'head_grids', 'attention_pattern', 'plot_circuit']
 
 # %% ../nbs/07_circuit.ipynb #d6608934
 MEANS_SEED = 123_456
@@ -34,11 +34,13 @@ MEANS_SEED = 123_456
 
 
 @torch.no_grad()
-def head_means(model, tokenizer, n: int = 500, n_boxes: int = 7, seed: int = MEANS_SEED, batch_size: int = 100):
-    "Mean output of every head at every position over `n` prompts (of the tokenizer's usable words): `[n_layers, seq, n_heads, head_dim]`."
+def head_means(model, tokenizer, n: int = 500, n_boxes: int = 7, seed: int = MEANS_SEED, batch_size: int = 100,
+               prefix: str = ""):
+    """Mean output of every head at every position over `n` prompts (of the tokenizer's usable words, after
+    `prefix`, e.g. a chat template's turns; see `encode`): `[n_layers, seq, n_heads, head_dim]`."""
     prompts, total, count = sample_usable(tokenizer, n, n_boxes, seed), None, 0
     for i in range(0, n, batch_size):
-        b = encode(prompts[i:i + batch_size], tokenizer, device=next(model.parameters()).device)
+        b = encode(prompts[i:i + batch_size], tokenizer, device=next(model.parameters()).device, prefix=prefix)
         z = capture_heads(model, b, "o").sum(1)
         total = z if total is None else total + z
         count += len(b)
@@ -60,11 +62,12 @@ def _keep_fn(mean: torch.Tensor, keep: torch.Tensor | None):
 @torch.no_grad()
 def ablated_predictions(model, tokenizer, examples: Sequence[BoxesExample], means: torch.Tensor,
                         kept: Iterable[tuple[int, int]] | None = None, ablated: Sequence[tuple[int, int]] = (),
-                        batch_size: int = 100, context: str = "ablate"):
+                        batch_size: int = 100, context: str = "ablate", restrict: bool = False, prefix: str = ""):
     """Per-prompt correctness with heads mean-ablated. Circuit mode (`kept`: the circuit's heads): at the three
     `POSITIONS` every head not in `kept` is ablated; at the other positions every head is ablated
     (`context="ablate"`, the paper's protocol) or left alone (`context="keep"`). Otherwise only the heads in
-    `ablated` are ablated, everywhere."""
+    `ablated` are ablated, everywhere. `restrict` and `prefix` as in `predictions` (`means` taken with the same
+    `prefix`)."""
     if context not in ("ablate", "keep"):
         raise ValueError(f"context must be 'ablate' (the paper's protocol) or 'keep', not {context!r}.")
     lay = attention_layout(model)
@@ -86,19 +89,20 @@ def ablated_predictions(model, tokenizer, examples: Sequence[BoxesExample], mean
             edits = {(l, h): _keep_fn(means[l, :, h], ~three) for l, h in every if (l, h) not in kept}
         return patch_heads(model, edits)
 
-    return predictions(model, tokenizer, examples, batch_size, progress=False, intervene=ablate)
+    return predictions(model, tokenizer, examples, batch_size, progress=False, intervene=ablate, restrict=restrict,
+                       prefix=prefix)
 
 
 def circuit_accuracy(model, tokenizer, circuit: Circuit | Iterable[tuple[int, int]], examples, means,
-                     batch_size: int = 100, context: str = "ablate") -> float:
+                     batch_size: int = 100, context: str = "ablate", **readout) -> float:
     """Accuracy of `circuit` (or of a plain set of heads) alone: its heads kept at the three positions, the rest
-    mean-ablated (see `ablated_predictions`)."""
+    mean-ablated (see `ablated_predictions`, which takes `readout`: `restrict`, `prefix`)."""
     lay = attention_layout(model)
     heads = circuit.heads() if isinstance(circuit, Circuit) else list(circuit)
     for l, h in heads:
         lay.check(l, h)
     return float(ablated_predictions(model, tokenizer, examples, means, kept=heads, batch_size=batch_size,
-                                     context=context).mean())
+                                     context=context, **readout).mean())
 
 # %% ../nbs/07_circuit.ipynb #0242610f
 def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int = 10, seed: int = 0) -> list[Circuit]:
@@ -135,24 +139,26 @@ def _stat(**kw) -> dict:
 
 def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_random: int = 10, seed: int = 0,
                      contexts: Sequence[str] = ("ablate", "keep"), name: str = "circuit",
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, **readout) -> pd.DataFrame:
     """`circuit` in each of `models` (name -> `(model, tokenizer)`; `means`: name -> `head_means`): full accuracy,
     circuit accuracy, faithfulness = circuit / full and the mean accuracy of `n_random` random circuits of the same
     group sizes, per ablation `context`, each with a bootstrap 95% CI over prompts (faithfulness: paired, of the
-    ratio). Tidy: model, circuit, heads, n, context, metric, value, ci_low, ci_high."""
+    ratio). `readout` (`restrict`, `prefix`) goes to every prediction. Tidy: model, circuit, heads, n, context, metric,
+    value, ci_low, ci_high."""
     rows = []
     for m, (model, tok) in tqdm(models.items(), desc=f"{name} circuit", disable=not progress or progress_disabled(),
                                 leave=False):
         lay = attention_layout(model)
-        full = predictions(model, tok, examples, progress=False)
+        full = predictions(model, tok, examples, progress=False, **readout)
         key = dict(model=m, circuit=name, heads=len(circuit.heads()), n=len(examples))
         for context in contexts:
-            acc = ablated_predictions(model, tok, examples, means[m], kept=circuit.heads(), context=context)
+            acc = ablated_predictions(model, tok, examples, means[m], kept=circuit.heads(), context=context, **readout)
             rows += [_stat(**key, context=context, metric="full", values=full),
                      _stat(**key, context=context, metric="circuit", values=acc),
                      _stat(**key, context=context, metric="faithfulness", num=acc, den=full)]
             if n_random:
-                rand = np.mean([ablated_predictions(model, tok, examples, means[m], kept=c.heads(), context=context)
+                rand = np.mean([ablated_predictions(model, tok, examples, means[m], kept=c.heads(), context=context,
+                                                    **readout)
                                 for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, seed)], axis=0)
                 rows.append(_stat(**key, context=context, metric="random", values=rand))
     return pd.DataFrame(rows)
@@ -165,16 +171,17 @@ def zoo_means(zoo: Zoo, name: str, n: int | None = None, seed: int = MEANS_SEED)
 
 # %% ../nbs/07_circuit.ipynb #6907197d
 def minimality(model, tokenizer, circuit: Circuit, group: str, examples, means, max_k: int = 2,
-               context: str = "keep") -> pd.DataFrame:
+               context: str = "keep", **readout) -> pd.DataFrame:
     """For each head v of `group`: greedily grow a set K of other heads of the group (up to `max_k`), each time adding
     the head that most increases v's effect, and report the largest relative drop
-    `(acc(C \\ K) - acc(C \\ K \\ v)) / acc(C \\ K)` with the two accuracies (the paper's file shape)."""
+    `(acc(C \\ K) - acc(C \\ K \\ v)) / acc(C \\ K)` with the two accuracies (the paper's file shape). `readout`
+    (`restrict`, `prefix`) goes to `circuit_accuracy`."""
     memo = {}
 
     def acc(removed: frozenset) -> float:
         if removed not in memo:
             rest = [h for h in circuit.heads() if h not in removed]
-            memo[removed] = circuit_accuracy(model, tokenizer, rest, examples, means, context=context)
+            memo[removed] = circuit_accuracy(model, tokenizer, rest, examples, means, context=context, **readout)
         return memo[removed]
 
     def effect(K: frozenset, v) -> tuple[float, float, float]:
@@ -193,6 +200,20 @@ def minimality(model, tokenizer, circuit: Circuit, group: str, examples, means, 
                 best = (drop, w, wo, K)
         rows.append({"head": v, "with": best[1], "without": best[2], "relative drop": best[0], "K": sorted(best[3])})
     return pd.DataFrame(rows)
+
+
+def minimality_table(model, tokenizer, circuit: Circuit, examples, means, max_k: int = 2, context: str = "keep",
+                     **readout) -> pd.DataFrame:
+    """`minimality` of every group of `circuit` that has heads, as one tidy table: group, layer, head, with, without,
+    relative drop, K (the heads of K as `layer.head`, space-separated)."""
+    parts = []
+    for g in GROUPS:
+        if circuit[g]:
+            t = minimality(model, tokenizer, circuit, g, examples, means, max_k=max_k, context=context, **readout)
+            parts.append(t.assign(group=g, layer=[h[0] for h in t["head"]], head=[h[1] for h in t["head"]],
+                                  K=[" ".join(f"{l}.{h}" for l, h in k) for k in t["K"]]))
+    cols = ["group", "layer", "head", "with", "without", "relative drop", "K"]
+    return pd.concat(parts)[cols] if parts else pd.DataFrame(columns=cols)
 
 
 def prune(circuit: Circuit, scores: dict, threshold: float = 0.01) -> Circuit:
@@ -240,14 +261,9 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
 
     def mini(candidates, n, seed, n_means, means_seed, max_k, context) -> pd.DataFrame:
         circuit, test, means = Circuit.from_dict(candidates), zoo.test_prompts(n, seed), zoo_means(zoo, name, n_means, means_seed)
-        parts = []
-        for g in GROUPS:
-            if circuit[g]:
-                t = minimality(model, tok, circuit, g, test, means, max_k=max_k, context=context)
-                parts.append(t.assign(model=name, group=g, layer=[h[0] for h in t["head"]], head=[h[1] for h in t["head"]],
-                                      K=[" ".join(f"{l}.{h}" for l, h in k) for k in t["K"]]))
-        cols = ["model", "group", "layer", "head", "with", "without", "relative drop", "K"]
-        return pd.concat(parts)[cols] if parts else pd.DataFrame(columns=cols)
+        t = minimality_table(model, tok, circuit, test, means, max_k=max_k, context=context)
+        t.insert(0, "model", name)
+        return t
 
     mini_params = dict(candidates=candidates.to_dict(), n=cfg.n_minimality, seed=TEST_SEED, n_means=cfg.n_means,
                        means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")

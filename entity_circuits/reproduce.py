@@ -160,11 +160,14 @@ every fifth layer; the mechanism is read at 11 of its residual sites."""
 def step_extras(zoo: Zoo, root=None) -> dict:
     """The SmolLM2 chapter's tables for every extra model: accuracy by boxes under both templates
     (`accuracy_grid_<model>`) and, at the template and box count where it tracks best: path patching
-    (`path_patching_<model>`), its binding mechanism (`mechanisms_<model>`, `n_mixing_extra` pairs) and attention
-    knockout (`knockout_<model>`, restricted accuracy on `n_mixing_extra` prompts)."""
+    (`path_patching_<model>`), the faithfulness and minimality of the circuit it finds (`faithfulness_<model>`,
+    `minimality_<model>`: `n_faithfulness_extra`, `n_minimality_extra` prompts), its binding mechanism
+    (`mechanisms_<model>`, `n_mixing_extra` pairs) and attention knockout (`knockout_<model>`, restricted accuracy on
+    `n_knockout_extra` prompts)."""
     from entity_circuits.knockout import stored_knockout
     from entity_circuits.mechanisms import MECHANISMS, stored_mechanism
-    from entity_circuits.smollm2 import best_setting, stored_accuracy_grid, stored_circuit_scores, template_prefix
+    from entity_circuits.smollm2 import (best_setting, stored_accuracy_grid, stored_circuit_checks,
+                                         stored_circuit_scores, template_prefix)
     from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
     for m in zoo.extras:
@@ -172,7 +175,9 @@ def step_extras(zoo: Zoo, root=None) -> dict:
         if (best := best_setting(grid)) is None:
             continue                                     # it tracks nowhere: the chapter shows that and stops
         template, n_boxes = best
-        out[f"path_patching_{m}"] = stored_circuit_scores(m, template, n_boxes, root, n=c.n_ft_discovery)
+        scores = out[f"path_patching_{m}"] = stored_circuit_scores(m, template, n_boxes, root, n=c.n_ft_discovery)
+        out |= stored_circuit_checks(m, scores, root, n_faithfulness=c.n_faithfulness_extra,
+                                     n_minimality=c.n_minimality_extra, n_random=c.n_random_extra)
         model, tok = zoo.load(m)
         prefix = template_prefix(tok, template)
         if n_boxes >= len(MECHANISMS):                   # each answer a mechanism can give needs its own box
@@ -183,7 +188,7 @@ def step_extras(zoo: Zoo, root=None) -> dict:
             _log.info("%s tracks best at %d boxes: too few to tell %d mechanisms apart, no mechanism table", m,
                      n_boxes, len(MECHANISMS))
         layers = list(range(0, attention_layout(model).n_layers, EXTRA_KNOCKOUT_STRIDE))
-        out[f"knockout_{m}"] = stored_knockout({m: (model, tok)}, root, n=c.n_mixing_extra, name=f"knockout_{m}",
+        out[f"knockout_{m}"] = stored_knockout({m: (model, tok)}, root, n=c.n_knockout_extra, name=f"knockout_{m}",
                                                n_boxes=n_boxes, edges=list(EXTRA_KNOCKOUT_EDGES), layers_from=layers,
                                                prefix=prefix, restrict=True)
     return out

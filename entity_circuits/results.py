@@ -108,15 +108,19 @@ def _uses(node: ast.AST) -> set[str]:
     return out
 
 
-def _docstring_lines(node: ast.AST) -> set[int]:
-    "The line numbers of the docstrings of every function and class inside `node`."
-    out = set()
-    for n in ast.walk(node):
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body:
-            d = n.body[0]
-            if isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str):
-                out |= set(range(d.lineno, d.end_lineno + 1))
-    return out
+def _is_text(node: ast.AST) -> bool:
+    "A statement that is only a string: a docstring, or the documentation line nbdev reads after a constant."
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _code_lines(text: str, tree: ast.Module) -> dict[int, str]:
+    """The module's lines by number (from 1) as code: comments cut, strings that are whole statements (docstrings,
+    constants' documentation) and lines left blank dropped."""
+    import io, tokenize
+    cut = {t.start[0]: t.start[1] for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT}
+    doc = {i for n in ast.walk(tree) if _is_text(n) for i in range(n.lineno, n.end_lineno + 1)}
+    lines = {i: line[:cut.get(i, len(line))].rstrip() for i, line in enumerate(text.splitlines(), 1) if i not in doc}
+    return {i: line for i, line in lines.items() if line}
 
 # %% ../nbs/00_results.ipynb #b60bee02
 def code_units(files: Mapping[str, bytes] | None = None) -> dict[str, CodeUnit]:
@@ -127,16 +131,15 @@ def code_units(files: Mapping[str, bytes] | None = None) -> dict[str, CodeUnit]:
     parts: dict[str, dict] = {}
     for module, source in sorted(files.items()):
         text = source.decode() if isinstance(source, bytes) else source
-        lines, tree = text.splitlines(), ast.parse(text)
+        tree = ast.parse(text)
+        lines = _code_lines(text, tree)
         aliases = {a.asname: a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names if a.asname}
         for i, node in enumerate(tree.body):
             names = _binds(node)
-            if isinstance(node, (ast.Import, ast.ImportFrom)) or names == ["__all__"] or (
-                    i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):   # the module's docstring
+            if isinstance(node, (ast.Import, ast.ImportFrom)) or names == ["__all__"] or _is_text(node):
                 continue
             first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
-            skip = _docstring_lines(node)
-            seg = "\n".join(l for k, l in enumerate(lines[first - 1:node.end_lineno], first) if k not in skip)
+            seg = "\n".join(lines[k] for k in range(first, node.end_lineno + 1) if k in lines)
             uses = _uses(node)
             u = parts.setdefault(f"{module}:{names[0] if names else ''}", {"module": module, "names": set(), "text": [], "uses": set()})
             u["names"] |= set(names)

@@ -10,15 +10,18 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .circuit import evaluate_circuit, head_means, minimality_table
 from .data import sample_usable
 from .evaluate import bootstrap_ci, predictions
+from .path_patching import Circuit
 from .results import cached
 from .zoo import SMOLLM2, TEST_SEED
 
 # %% auto #0
 __all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'template_prefix', 'accuracy_grid', 'tracking', 'best_setting',
            'stored_accuracy_grid', 'plot_accuracy_grid', 'circuit_scores', 'attribution_agreement',
-           'stored_circuit_scores']
+           'stored_circuit_scores', 'kept_circuit', 'circuit_faithfulness', 'circuit_minimality',
+           'stored_circuit_checks']
 
 # %% ../nbs/10c_smollm2.ipynb #11abfe39
 CHAT_INSTRUCTION = "Complete the text."
@@ -146,3 +149,55 @@ def stored_circuit_scores(name: str, template: str, n_boxes: int, root=None, n: 
     from entity_circuits.models import load_model
     params = dict(template=template, n_boxes=n_boxes, n=n, seed=TEST_SEED, instruction=CHAT_INSTRUCTION)
     return cached(f"path_patching_{name}", lambda **kw: circuit_scores(*load_model(name), **kw), params, [name], root)
+
+# %% ../nbs/10c_smollm2.ipynb #8ad36312
+def kept_circuit(table: pd.DataFrame) -> Circuit:
+    "The `Circuit` of the heads `circuit_scores` kept, each group ordered by score (strongest first)."
+    kept = table[table.kept].sort_values(["group", "score"])
+    return Circuit.from_dict({g: list(zip(d.layer.astype(int), d["head"].astype(int))) for g, d in kept.groupby("group")})
+
+
+def circuit_faithfulness(model, tokenizer, circuit: Circuit, template: str, n_boxes: int, n: int = 200,
+                         seed: int = TEST_SEED, n_random: int = 5, instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
+    """Table 1's columns for `circuit` at `template` and `n_boxes`, by restricted accuracy on `n` prompts (seed
+    `seed`), heads averaged over `n` others (`MEANS_SEED`): full, circuit, random (`n_random` circuits) and
+    faithfulness, in both ablation contexts (`evaluate_circuit`)."""
+    prefix = template_prefix(tokenizer, template, instruction)
+    means = head_means(model, tokenizer, n, n_boxes, prefix=prefix)
+    examples = sample_usable(tokenizer, n, n_boxes, seed)
+    t = evaluate_circuit({"model": (model, tokenizer)}, circuit, examples, {"model": means}, n_random=n_random,
+                         name="path patching", progress=False, restrict=True, prefix=prefix)
+    return t.drop(columns="model").assign(template=template, n_boxes=n_boxes, seed=seed)
+
+
+def circuit_minimality(model, tokenizer, circuit: Circuit, template: str, n_boxes: int, n: int = 100,
+                       seed: int = TEST_SEED, n_means: int = 200, max_k: int = 0,
+                       instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
+    """`minimality_table` of `circuit` (context `keep`, as the organisms') by restricted accuracy on `n` prompts,
+    heads averaged over `n_means` others, growing K up to `max_k` heads."""
+    prefix = template_prefix(tokenizer, template, instruction)
+    means = head_means(model, tokenizer, n_means, n_boxes, prefix=prefix)
+    examples = sample_usable(tokenizer, n, n_boxes, seed)
+    return minimality_table(model, tokenizer, circuit, examples, means, max_k=max_k, context="keep", restrict=True,
+                            prefix=prefix).assign(template=template, n_boxes=n_boxes, n=n)
+
+# %% ../nbs/10c_smollm2.ipynb #6829ade9
+def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfulness: int = 200,
+                          n_minimality: int = 100, n_random: int = 5) -> dict[str, pd.DataFrame]:
+    """Faithfulness (`faithfulness_<name>`) and minimality (`minimality_<name>`) of the circuit in `table` (a
+    `circuit_scores` table: its template, box count and kept heads), from the results store."""
+    from entity_circuits.models import load_model
+    circuit, template, n_boxes = kept_circuit(table), str(table.template.iloc[0]), int(table.n_boxes.iloc[0])
+    common = dict(circuit=circuit.to_dict(), template=template, n_boxes=n_boxes, seed=TEST_SEED,
+                  instruction=CHAT_INSTRUCTION)
+
+    def faithfulness(circuit, **kw):
+        return circuit_faithfulness(*load_model(name), Circuit.from_dict(circuit), **kw)
+
+    def minimality(circuit, **kw):
+        return circuit_minimality(*load_model(name), Circuit.from_dict(circuit), **kw)
+
+    return {f"faithfulness_{name}": cached(f"faithfulness_{name}", faithfulness,
+                                           dict(common, n=n_faithfulness, n_random=n_random), [name], root),
+            f"minimality_{name}": cached(f"minimality_{name}", minimality,
+                                         dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0), [name], root)}

@@ -69,8 +69,11 @@ class Config:
     n_knockout: int = 500              # knockout's test prompts
     n_ablation: int = 200              # prompts per binding format in the organisms chapter's head ablation
     n_mixing: int = 500                # counterfactual pairs per organism (mechanisms chapter)
-    n_mixing_extra: int = 100          # ... per extra model (SmolLM2), at ...
-    mixing_extra_boxes: int = 4        # ... this many boxes
+    n_mixing_extra: int = 100          # ... per extra model (SmolLM2), at the box count where it tracks best
+    n_knockout_extra: int = 100        # knockout's test prompts per extra model
+    n_faithfulness_extra: int = 200    # test prompts (and head-mean prompts) for an extra model's circuit
+    n_minimality_extra: int = 100      # test prompts for an extra model's minimality (one head at a time)
+    n_random_extra: int = 5            # random circuits per extra model
     n_label_patch: int = 500           # prompts of the label-only patch, per model
     n_trajectory: int = 300            # test prompts per fine-tuning snapshot
     trajectory_steps: int | None = None  # fine-tuning steps of the trajectory (None: the shipped recipe's)
@@ -82,6 +85,7 @@ class Config:
                    n_random=1, n_ft_discovery=4, ft_pool=100, n_completeness=10, completeness_random=2, n_extra=5,
                    extra_box_counts=(7,), revival_steps=(1, 2), n_revival=10, dcm_sizes=(24, 12, 12),
                    fig3_runs=1, fig3_n=12, n_cmap=12, n_knockout=12, n_ablation=12, n_mixing=12, n_mixing_extra=4,
+                   n_knockout_extra=4, n_faithfulness_extra=4, n_minimality_extra=4, n_random_extra=1,
                    n_label_patch=12, n_trajectory=12, trajectory_steps=2)
 
 # %% ../nbs/04b_zoo.ipynb #92333ad8

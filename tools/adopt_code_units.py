@@ -1,12 +1,13 @@
-"""Carry the store's records over from module fingerprints to unit fingerprints without recomputing a table.
+"""Carry the store's records over to a new rule for code fingerprints without recomputing a table.
 
 Until commit 97ba99f a record's `code` was a sha256 over the package modules that the computing module imports,
-transitively (`code_module` named that module). Now it is a sha256 over the code units the computing function can
-reach (`code_unit`; see the results chapter). A record of the old kind whose `code` equals the old rule's hash of
-commit OLD's package was computed by OLD's code, so the new rule's hash *of OLD's code* describes it exactly. This
-runs `entity-circuits reproduce` with `cached` wrapped: before each stored table is looked up, such a record is
-rewritten with that hash. `cached` then compares it with the running code, as it always does, and recomputes the
-tables whose code changed since OLD. A record that does not match OLD is left as it is (and is recomputed as stale).
+transitively (`code_module` named that module). Since then it is a sha256 over the code units the computing function
+can reach (`code_unit`; see the results chapter), and the rule for what a unit's code is may change again. A record
+whose `code` equals the hash that OLD's own rule gives OLD's package was computed by OLD's code, so the running
+rule's hash *of OLD's code* describes it exactly. This runs `entity-circuits reproduce` with `cached` wrapped: before
+each stored table is looked up, such a record is rewritten with that hash. `cached` then compares it with the running
+code, as it always does, and recomputes the tables whose code changed since OLD. A record that does not match OLD is
+left as it is (and is recomputed as stale).
 
 usage: python tools/adopt_code_units.py OLD_COMMIT [reproduce options, e.g. --only dcm]
 """
@@ -15,6 +16,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,21 +51,40 @@ def old_fingerprint(module: str | None, files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def rule_at(commit: str) -> types.ModuleType:
+    "The results module of `commit`, loaded apart from the running package: its rule for unit fingerprints."
+    source = subprocess.run(["git", "show", f"{commit}:entity_circuits/results.py"], cwd=ROOT, check=True,
+                            capture_output=True).stdout
+    module = types.ModuleType(f"results_at_{commit}")
+    exec(compile(source, f"{commit}:entity_circuits/results.py", "exec"), module.__dict__)
+    return module
+
+
+def recorded_by(info: dict, files: dict[str, bytes], rule: types.ModuleType) -> bool:
+    "Whether record `info` is what OLD's own rule gives OLD's code (`files`, `rule`: OLD's package and results module)."
+    if "code_unit" not in info:
+        return info.get("code") == old_fingerprint(info.get("code_module"), files)
+    return hasattr(rule, "code_units") and info.get("code") == rule.code_fingerprint(info["code_unit"], files)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print(__doc__)
         return 2
     old, rest = argv[0], argv[1:]
     from entity_circuits import results
-    files = package_at(old)
+    files, rule = package_at(old), rule_at(old)
     adopted, original = [], results.cached
 
     def adopting(name, compute, params, models=(), root=None):
         info = results.result_info(name, root)
-        if info is not None and "code_unit" not in info and info.get("code") == old_fingerprint(info.get("code_module"), files):
+        if info is not None and recorded_by(info, files, rule):
             unit = results._code_unit(compute)
-            info.pop("code_module")
-            info.update(code_unit=unit, code=results.code_fingerprint(unit, files))
+            info.pop("code_module", None)
+            new = dict(info, code_unit=unit, code=results.code_fingerprint(unit, files))
+            if new == info:
+                return original(name, compute, params, models, root)
+            info = new
             _, meta = results._paths(name, root)
             results._atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
             adopted.append(name)
