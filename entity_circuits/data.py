@@ -550,11 +550,12 @@ def encode_desiderata(
     tokenizer,
     padding_side: str = "left",
     device: str | torch.device | None = None,
+    prefix: str = "",  # text before every prompt (see `encode`)
 ) -> DesideratumBatch:
     "Encode the base and source prompts of `pairs` and the target token ids of desideratum `name`."
     name = _desideratum(name)
     pairs = _as_list(pairs, DesiderataPair)
-    base = encode([p.base for p in pairs], tokenizer, padding_side, device)
-    source = encode([p.source for p in pairs], tokenizer, padding_side, device)
+    base = encode([p.base for p in pairs], tokenizer, padding_side, device, prefix)
+    source = encode([p.source for p in pairs], tokenizer, padding_side, device, prefix)
     targets = torch.tensor(_first_token_ids(tokenizer, [p.target(name) for p in pairs]), dtype=torch.long)
     return DesideratumBatch(name, base, source, targets if device is None else targets.to(device))

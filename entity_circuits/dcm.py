@@ -16,17 +16,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, _desideratum, _first_token_ids, encode_desiderata,
-                                  make_desiderata)
+                                  make_desiderata, usable_labels, usable_objects)
 from .models import progress_disabled
 from .results import cached
 from .path_patching import GROUP_LABELS, GROUP_LETTERS, GROUPS, PATHS, Circuit
 from .tracing import attention_layout, capture_heads, patch_heads
 
 # %% auto #0
-__all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'FIG3_SEED', 'PAPER_FIG3', 'FILLER', 'VARIANTS', 'PAPER_VARIANTS', 'CMAP_RULE',
-           'group_positions', 'source_cache', 'masked_patch', 'DCMData', 'EncodedPairs', 'encode_pairs', 'group_data',
-           'dcm_data', 'patched_accuracy', 'train_mask', 'DCMResult', 'dcm_splits', 'dcm', 'dcm_table', 'dcm_summary',
-           'dcm_params', 'stored_dcm', 'selected_heads', 'stored_functionality', 'stored_variants',
+__all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'EXTRA_DCM', 'FIG3_SEED', 'PAPER_FIG3', 'FILLER', 'VARIANTS', 'PAPER_VARIANTS',
+           'CMAP_RULE', 'group_positions', 'source_cache', 'masked_patch', 'DCMData', 'EncodedPairs', 'encode_pairs',
+           'group_data', 'dcm_data', 'patched_accuracy', 'train_mask', 'DCMResult', 'dcm_splits', 'dcm', 'dcm_table',
+           'dcm_summary', 'dcm_params', 'stored_dcm', 'selected_heads', 'stored_functionality', 'stored_variants',
            'original_position_targets', 'functionality', 'plot_functionality', 'variant_text', 'UnknownWordError',
            'variant_data', 'variant_table', 'cmap_heads']
 
@@ -74,6 +74,7 @@ class DCMData(NamedTuple):
     last: torch.Tensor       # [N] last position of each base prompt (where the answer is read)
     source: torch.Tensor     # [N, heads, head_dim]
     targets: torch.Tensor    # [N] target token ids
+    candidates: torch.Tensor | None = None   # [N, C] the tokens an answer is read among (None: the whole vocabulary)
 
     @property
     def n(self) -> int:
@@ -83,7 +84,7 @@ class DCMData(NamedTuple):
     def rows(self, idx) -> "DCMData":
         "The same data restricted to prompts `idx`."
         return DCMData({k: v[idx] for k, v in self.inputs.items()}, self.positions[idx], self.last[idx],
-                       self.source[idx], self.targets[idx])
+                       self.source[idx], self.targets[idx], None if self.candidates is None else self.candidates[idx])
 
 
 class EncodedPairs(NamedTuple):
@@ -91,21 +92,32 @@ class EncodedPairs(NamedTuple):
     base: object     # BoxesBatch
     source: object   # BoxesBatch
     targets: dict    # desideratum -> [N] token ids
+    candidates: torch.Tensor | None = None   # [N, 2k] the base's and the source's object tokens (`restrict`)
 
 
-def encode_pairs(pairs: Sequence[DesiderataPair], tokenizer) -> EncodedPairs:
-    "Tokenize `pairs` once for all desiderata (the prompts are the same; only the targets differ)."
-    first = encode_desiderata(pairs, DESIDERATA[0], tokenizer)
+def _object_ids(batch) -> torch.Tensor:
+    "The object tokens of every prompt of a `BoxesBatch` (`[b, k]`; prompts of one batch have the same box count)."
+    if (batch.object_pos < 0).any():
+        raise ValueError("restricted DCM reads answers among the objects of prompts with the same number of boxes.")
+    return batch.input_ids.gather(1, batch.object_pos)
+
+
+def encode_pairs(pairs: Sequence[DesiderataPair], tokenizer, prefix: str = "", restrict: bool = False) -> EncodedPairs:
+    """Tokenize `pairs` once for all desiderata (the prompts are the same; only the targets differ), after `prefix`
+    (see `encode`). `restrict`: answers are read among the base's and the source's objects, where every
+    desideratum's target lies (as `predictions(restrict=True)` reads them among the context's objects)."""
+    first = encode_desiderata(pairs, DESIDERATA[0], tokenizer, prefix=prefix)
     targets = {d: torch.tensor(_first_token_ids(tokenizer, [p.target(d) for p in pairs])) for d in DESIDERATA}
-    return EncodedPairs(first.base, first.source, targets)
+    candidates = torch.cat([_object_ids(first.base), _object_ids(first.source)], 1) if restrict else None
+    return EncodedPairs(first.base, first.source, targets, candidates)
 
 
 def group_data(model, enc: EncodedPairs, heads, group: str, source: torch.Tensor | None = None) -> dict[str, DCMData]:
     "DCM data of every desideratum for `heads` of `group` (one source pass, shared by the desiderata)."
     if source is None:
         source = source_cache(model, enc.source.model_inputs(), group_positions(enc.source, group), heads)
-    return {d: DCMData(enc.base.model_inputs(), group_positions(enc.base, group), enc.base.last_pos, source, t)
-            for d, t in enc.targets.items()}
+    return {d: DCMData(enc.base.model_inputs(), group_positions(enc.base, group), enc.base.last_pos, source, t,
+                       enc.candidates) for d, t in enc.targets.items()}
 
 
 def dcm_data(model, tokenizer, pairs: Sequence[DesiderataPair], desideratum: str, heads, group: str) -> DCMData:
@@ -139,7 +151,12 @@ def patched_accuracy(model, heads, data: DCMData, mask: torch.Tensor | None = No
     hits = 0
     for i in range(0, data.n, batch_size):
         part = data.rows(slice(i, i + batch_size))
-        hits += (_target_logits(model, heads, part, mask).argmax(-1) == part.targets).sum().item()
+        logits = _target_logits(model, heads, part, mask)
+        if part.candidates is None:
+            pred = logits.argmax(-1)
+        else:                                   # the top-1 among the candidates
+            pred = part.candidates.gather(1, logits.gather(1, part.candidates).argmax(-1, keepdim=True))[:, 0]
+        hits += (pred == part.targets).sum().item()
     return hits / max(data.n, 1)
 
 # %% ../nbs/08_dcm.ipynb #3c0efd88
@@ -206,9 +223,10 @@ DCM_SEED = 2024
 "Seed of the DCM pairs (train / validation / test are the first 1000 / next 500 / last 500)."
 
 
-def dcm_splits(n_train: int = 1000, n_val: int = 500, n_test: int = 500, n_boxes: int = 7, seed: int = DCM_SEED):
-    "Train / validation / test desiderata pairs, deterministic in `seed`."
-    pairs = make_desiderata(n_train + n_val + n_test, n_boxes=n_boxes, seed=seed)
+def dcm_splits(n_train: int = 1000, n_val: int = 500, n_test: int = 500, n_boxes: int = 7, seed: int = DCM_SEED,
+               objects: Sequence[str] | None = None, labels: Sequence[str] | None = None):
+    "Train / validation / test desiderata pairs, deterministic in `seed` (word pools: `make_desiderata`'s)."
+    pairs = make_desiderata(n_train + n_val + n_test, n_boxes=n_boxes, seed=seed, objects=objects, labels=labels)
     return pairs[:n_train], pairs[n_train:n_train + n_val], pairs[n_train + n_val:]
 
 
@@ -232,11 +250,12 @@ PAPER_DCM = pd.DataFrame(
 
 
 def dcm_table(model, tokenizer, circuit: Circuit, splits, desiderata: Sequence[str] = DESIDERATA,
-              progress: bool | None = None, **train_kw) -> tuple[pd.DataFrame, dict]:
-    """DCM on every non-empty group of `circuit` for every desideratum (`train_kw`: `train_mask`'s settings): a tidy
-    table and the results by (group, desideratum)."""
+              progress: bool | None = None, prefix: str = "", restrict: bool = False,
+              **train_kw) -> tuple[pd.DataFrame, dict]:
+    """DCM on every non-empty group of `circuit` for every desideratum (`train_kw`: `train_mask`'s settings;
+    `prefix`, `restrict`: `encode_pairs`'): a tidy table and the results by (group, desideratum)."""
     results, rows = {}, []
-    encoded = [encode_pairs(s, tokenizer) for s in splits]
+    encoded = [encode_pairs(s, tokenizer, prefix, restrict) for s in splits]
     jobs = [(g, d) for g in GROUPS if circuit[g] for d in desiderata]
     data = {}
     for g, d in tqdm(jobs, desc="DCM groups", disable=progress_disabled() if progress is None else not progress):
@@ -259,32 +278,51 @@ def dcm_summary(table: pd.DataFrame) -> pd.DataFrame:
 # %% ../nbs/08_dcm.ipynb #46b7c6bb
 DCM_PARAMS = dict(n_train=1000, n_val=500, n_test=500, n_boxes=7, seed=DCM_SEED, lam=0.01, lr=0.1, epochs=2,
                   batch_size=32, eval_every=4)
-"The DCM settings of every stored table (the paper's, see above)."
+"The DCM settings of every organism's stored table (the paper's, see above)."
 _SPLIT_KEYS = ("n_train", "n_val", "n_test", "n_boxes", "seed")
+EXTRA_DCM = dict(words="default", prefix="", restrict=False)
+"""How pairs are drawn and read, for a model that is not an organism: from the paper's word pools (`"default"`) or
+the words that are single tokens for its tokenizer (`"usable"`), after a template `prefix`, answers among the pairs'
+objects (`restrict`). Recorded only where they differ from these, the organisms' way."""
 
 
-def dcm_params(sizes: tuple | None = None) -> dict:
-    "`DCM_PARAMS` with `sizes` = (train, validation, test) pairs in place of the chapter's (a `Config`'s `dcm_sizes`)."
-    if sizes is None:
-        return dict(DCM_PARAMS)
-    if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"DCM sizes are (train, validation, test) pair counts, each at least 1; got {sizes}.")
-    return dict(DCM_PARAMS, **dict(zip(_SPLIT_KEYS, map(int, sizes))))
+def dcm_params(sizes: tuple | None = None, **settings) -> dict:
+    """`DCM_PARAMS` with `sizes` = (train, validation, test) pairs in place of the chapter's (a `Config`'s `dcm_sizes`)
+    and any other of its settings, or of `EXTRA_DCM`'s, overridden by `settings`."""
+    if unknown := set(settings) - set(DCM_PARAMS) - set(EXTRA_DCM):
+        raise TypeError(f"unknown DCM settings {sorted(unknown)}; known: {sorted(DCM_PARAMS) + sorted(EXTRA_DCM)}")
+    params = dict(DCM_PARAMS)
+    if sizes is not None:
+        if len(sizes) != 3 or min(sizes) < 1:
+            raise ValueError(f"DCM sizes are (train, validation, test) pair counts, each at least 1; got {sizes}.")
+        params.update(zip(_SPLIT_KEYS, map(int, sizes)))
+    return params | {k: v for k, v in settings.items() if k in DCM_PARAMS or v != EXTRA_DCM[k]}
 
 
-def _stored_settings(params: dict):
-    "The splits and `train_mask` settings of `params` (a `dcm_params`), so the stored key is what was run."
-    return dcm_splits(*(params[k] for k in _SPLIT_KEYS)), {k: v for k, v in params.items() if k not in _SPLIT_KEYS}
+def _stored_settings(params: dict, tokenizer=None):
+    """The splits, how they are read (`prefix`, `restrict`) and the `train_mask` settings of `params` (a
+    `dcm_params`), so the stored key is what was run."""
+    extra = EXTRA_DCM | {k: v for k, v in params.items() if k in EXTRA_DCM}
+    pools = {}
+    if extra["words"] == "usable":
+        pools = dict(objects=usable_objects(tokenizer), labels=usable_labels(tokenizer))
+    elif extra["words"] != "default":
+        raise ValueError(f"DCM words are 'default' or 'usable', not {extra['words']!r}.")
+    splits = dcm_splits(*(params[k] for k in _SPLIT_KEYS), **pools)
+    readout = dict(prefix=extra["prefix"], restrict=extra["restrict"])
+    return splits, readout, {k: v for k, v in params.items() if k not in _SPLIT_KEYS and k not in EXTRA_DCM}
 
 
-def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None, sizes: tuple | None = None) -> pd.DataFrame:
+def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None, sizes: tuple | None = None,
+               **settings) -> pd.DataFrame:
     """`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`);
-    `sizes`: (train, validation, test) pairs, the chapter's by default."""
+    `sizes`: (train, validation, test) pairs, the chapter's by default; `settings`: `dcm_params`'."""
     def compute(circuit, **params):
-        splits, train = _stored_settings(params)
-        return dcm_table(model, tokenizer, Circuit.from_dict(circuit), splits, progress=False, **train)[0].assign(model=name)
-    return cached(f"dcm_{name.removeprefix('organism-')}", compute, dict(dcm_params(sizes), circuit=circuit.to_dict()),
-                  [name], root)
+        splits, readout, train = _stored_settings(params, tokenizer)
+        return dcm_table(model, tokenizer, Circuit.from_dict(circuit), splits, progress=False, **readout,
+                         **train)[0].assign(model=name)
+    return cached(f"dcm_{name.removeprefix('organism-')}", compute,
+                  dict(dcm_params(sizes, **settings), circuit=circuit.to_dict()), [name], root)
 
 
 def selected_heads(table: pd.DataFrame) -> dict:
@@ -306,7 +344,7 @@ def stored_functionality(models: dict, names: Sequence[str], tokenizer, heads: d
 def stored_variants(name: str, model, tokenizer, heads, root=None, sizes: tuple | None = None) -> pd.DataFrame:
     "`variant_table` of the position-transmitter `heads` of model `name` through the store (`dcm_variants`)."
     def compute(heads, **params):
-        splits, train = _stored_settings(params)
+        splits, _, train = _stored_settings(params)       # the organisms' pairs, read as theirs
         return variant_table(model, tokenizer, heads, splits, progress=False, **train)
     return cached("dcm_variants", compute, dict(dcm_params(sizes), heads=heads), [name], root)
 

@@ -25,9 +25,9 @@ _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
-           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_circuit', 'step_dcm',
-           'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_extras', 'step_figures',
-           'root_for', 'reproduce']
+           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'EXTRA_DCM_BATCH', 'step', 'step_organisms',
+           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
+           'step_extras', 'step_figures', 'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -154,6 +154,9 @@ EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query 
 EXTRA_KNOCKOUT_STRIDE, EXTRA_MECHANISM_SITES = 5, 11
 """On an extra model (deep, slow on a CPU) the knockout runs the paper's three edges and a control, blocking from
 every fifth layer; the mechanism is read at 11 of its residual sites."""
+EXTRA_DCM_BATCH = 8
+"""DCM's batch on an extra model: its `Config.dcm_sizes_extra` train pairs in batches of 8 give the mask 16 updates
+over two epochs (the organisms' 1000 pairs in batches of 32: 63)."""
 
 
 @step("extras")
@@ -161,12 +164,15 @@ def step_extras(zoo: Zoo, root=None) -> dict:
     """The SmolLM2 chapter's tables for every extra model: accuracy by boxes under both templates
     (`accuracy_grid_<model>`) and, at the template and box count where it tracks best: path patching
     (`path_patching_<model>`), the faithfulness and minimality of the circuit it finds (`faithfulness_<model>`,
-    `minimality_<model>`: `n_faithfulness_extra`, `n_minimality_extra` prompts), its binding mechanism
+    `minimality_<model>`: `n_faithfulness_extra`, `n_minimality_extra` prompts), DCM on the circuit's groups
+    (`dcm_<model>`: `dcm_sizes_extra` pairs of the words its tokenizer has as single tokens, answers read among
+    the pairs' objects), its binding mechanism
     (`mechanisms_<model>`, `n_mixing_extra` pairs) and attention knockout (`knockout_<model>`, restricted accuracy on
     `n_knockout_extra` prompts)."""
+    from entity_circuits.dcm import stored_dcm
     from entity_circuits.knockout import stored_knockout
     from entity_circuits.mechanisms import MECHANISMS, stored_mechanism
-    from entity_circuits.smollm2 import (best_setting, stored_accuracy_grid, stored_circuit_checks,
+    from entity_circuits.smollm2 import (best_setting, kept_circuit, stored_accuracy_grid, stored_circuit_checks,
                                          stored_circuit_scores, template_prefix)
     from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
@@ -180,6 +186,10 @@ def step_extras(zoo: Zoo, root=None) -> dict:
                                      n_minimality=c.n_minimality_extra, n_random=c.n_random_extra)
         model, tok = zoo.load(m)
         prefix = template_prefix(tok, template)
+        if n_boxes >= 3:                                 # a desiderata pair's base query, source query and label box
+            out[f"dcm_{m}"] = stored_dcm(m, model, tok, kept_circuit(scores), root, sizes=c.dcm_sizes_extra,
+                                         n_boxes=n_boxes, batch_size=EXTRA_DCM_BATCH, words="usable", prefix=prefix,
+                                         restrict=True)
         if n_boxes >= len(MECHANISMS):                   # each answer a mechanism can give needs its own box
             out[f"mechanisms_{m}"] = stored_mechanism(m, model, tok, root, n=c.n_mixing_extra, n_boxes=n_boxes,
                                                       max_sites=EXTRA_MECHANISM_SITES, n_label=c.n_mixing_extra,

@@ -74,6 +74,7 @@ class Config:
     n_faithfulness_extra: int = 200    # test prompts (and head-mean prompts) for an extra model's circuit
     n_minimality_extra: int = 100      # test prompts for an extra model's minimality (one head at a time)
     n_random_extra: int = 5            # random circuits per extra model
+    dcm_sizes_extra: tuple = (64, 32, 32)  # DCM's train / validation / test pairs per extra model
     n_label_patch: int = 500           # prompts of the label-only patch, per model
     n_trajectory: int = 300            # test prompts per fine-tuning snapshot
     trajectory_steps: int | None = None  # fine-tuning steps of the trajectory (None: the shipped recipe's)
@@ -86,6 +87,7 @@ class Config:
                    extra_box_counts=(7,), revival_steps=(1, 2), n_revival=10, dcm_sizes=(24, 12, 12),
                    fig3_runs=1, fig3_n=12, n_cmap=12, n_knockout=12, n_ablation=12, n_mixing=12, n_mixing_extra=4,
                    n_knockout_extra=4, n_faithfulness_extra=4, n_minimality_extra=4, n_random_extra=1,
+                   dcm_sizes_extra=(12, 6, 6),
                    n_label_patch=12, n_trajectory=12, trajectory_steps=2)
 
 # %% ../nbs/04b_zoo.ipynb #92333ad8

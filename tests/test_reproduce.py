@@ -252,8 +252,8 @@ def tracker(tmp_path, monkeypatch):
 
 
 def test_extras_step_where_an_extra_model_tracks(tracker, tmp_path):
-    """Where the extra model tracks best, the `extras` step stores path patching, the binding mechanism and the
-    knockout, all under that template and box count."""
+    """Where the extra model tracks best, the `extras` step stores path patching, the circuit's faithfulness and
+    minimality, DCM on its groups, the binding mechanism and the knockout, all under that template and box count."""
     from entity_circuits.reproduce import EXTRA_KNOCKOUT_EDGES, step_extras
     from entity_circuits.smollm2 import best_setting, template_prefix
     from entity_circuits.zoo import Config
@@ -272,6 +272,17 @@ def test_extras_step_where_an_extra_model_tracks(tracker, tmp_path):
     info = result_info(f"knockout_{name}", tmp_path / "results")
     assert info["params"]["prefix"] == template_prefix(tok, template) and info["params"]["restrict"]
     assert result_info(f"mechanisms_{name}", tmp_path / "results")["params"]["prefix"] == template_prefix(tok, template)
+    # the circuit's checks and DCM: on the heads path patching kept, under the same template and box count
+    kept = out[f"path_patching_{name}"].query("kept")
+    faith, mini, dcm = out[f"faithfulness_{name}"], out[f"minimality_{name}"], out[f"dcm_{name}"]
+    assert (faith.template == template).all() and (faith.n_boxes == k).all()
+    assert set(faith.metric) == {"full", "circuit", "random", "faithfulness"} and (faith.heads == len(kept)).all()
+    assert len(mini) == len(kept) and (mini.n_boxes == k).all()
+    assert set(zip(mini.layer, mini["head"])) == set(zip(kept.layer, kept["head"]))
+    assert set(dcm.group) == set(kept.group) and (dcm["size"] == dcm.group.map(kept.group.value_counts())).all()
+    dcm_params = result_info(f"dcm_{name}", tmp_path / "results")["params"]
+    assert dcm_params.get("prefix", "") == template_prefix(tok, template) and dcm_params["restrict"]   # "" not recorded
+    assert dcm_params["words"] == "usable" and dcm_params["n_boxes"] == k
 
 
 def test_extras_step_with_too_few_boxes_for_the_mechanisms(tracker, tmp_path):
