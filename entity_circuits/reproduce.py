@@ -156,7 +156,7 @@ EXTRA_KNOCKOUT_STRIDE, EXTRA_MECHANISM_SITES = 5, 11
 every fifth layer; the mechanism is read at 11 of its residual sites."""
 EXTRA_DCM_BATCH = 8
 """DCM's batch on an extra model: its `Config.dcm_sizes_extra` train pairs in batches of 8 give the mask 16 updates
-over two epochs (the organisms' 1000 pairs in batches of 32: 63)."""
+over two epochs (the organisms' 1000 pairs in batches of 32: 64)."""
 
 
 @step("extras")
