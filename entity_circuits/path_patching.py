@@ -160,7 +160,7 @@ def _answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor
     probs = logits.float().softmax(-1)
     return probs.gather(-1, answer_ids.expand(probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
-
+# %% ../nbs/06_path_patching.ipynb #d597aac6
 @dataclass
 class _Cache:
     "One forward pass of the clean prompts, with what the engine reads back: per layer `[b, T, ...]`."
@@ -191,7 +191,7 @@ def _clean_cache(model, batch: BoxesBatch) -> _Cache:
     return _Cache(resid_pre, get("resid_mid", "input"), get("o", "input"), get("o", "output"), get("k", "output"),
                   get("v", "output"), cos, sin, _answer_prob(logits[ar, batch.last_pos], batch.answer_ids))
 
-
+# %% ../nbs/06_path_patching.ipynb #46ff0771
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     "RoPE on `[N, t, heads, d]` with `cos`/`sin` `[N, t, d]` (the rotation Llama applies to queries and keys)."
     return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
@@ -206,7 +206,7 @@ def _attend(attn, q, k, v, n_rep: int, query_pos: torch.Tensor, key_mask: torch.
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return (scores.float().softmax(-1).to(v.dtype) @ v).transpose(1, 2)  # [N, t, H, d]
 
-
+# %% ../nbs/06_path_patching.ipynb #c2aa9421
 def _sender_sweep(parts, cache: _Cache, corrupt_z: list, batch: BoxesBatch, pos: torch.Tensor, sender_layer: int,
                   heads: Sequence[int], receivers: Mapping[int, Sequence[int]], kind: str | None):
     """Step 1 for the senders `heads` of one layer, all at once: each sender's corrupt output at `pos`, every other
@@ -235,7 +235,7 @@ def _sender_sweep(parts, cache: _Cache, corrupt_z: list, batch: BoxesBatch, pos:
         return _answer_prob(lm_head(norm(r)), batch.answer_ids)
     return received
 
-
+# %% ../nbs/06_path_patching.ipynb #950a2637
 def _receiver_suffix(parts, cache: _Cache, batch: BoxesBatch, pos: torch.Tensor, received: Mapping[int, torch.Tensor],
                      receivers: Mapping[int, Sequence[int]], kind: str) -> torch.Tensor:
     """Step 2: the clean run with the receivers' `kind` inputs at `pos` replaced by `received` (`[S, b, ...]`),
