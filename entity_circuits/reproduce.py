@@ -25,9 +25,9 @@ _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
-           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'EXTRA_DCM_BATCH', 'step', 'step_organisms',
-           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
-           'step_extras', 'step_figures', 'root_for', 'reproduce']
+           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_circuit', 'step_dcm',
+           'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_extras', 'step_figures',
+           'root_for', 'reproduce']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -154,9 +154,6 @@ EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query 
 EXTRA_KNOCKOUT_STRIDE, EXTRA_MECHANISM_SITES = 5, 11
 """On an extra model (deep, slow on a CPU) the knockout runs the paper's three edges and a control, blocking from
 every fifth layer; the mechanism is read at 11 of its residual sites."""
-EXTRA_DCM_BATCH = 8
-"""DCM's batch on an extra model: its `Config.dcm_sizes_extra` train pairs in batches of 8 give the mask 16 updates
-over two epochs (the organisms' 1000 pairs in batches of 32: 64)."""
 
 
 @step("extras")
@@ -172,8 +169,8 @@ def step_extras(zoo: Zoo, root=None) -> dict:
     from entity_circuits.dcm import stored_dcm
     from entity_circuits.knockout import stored_knockout
     from entity_circuits.mechanisms import MECHANISMS, stored_mechanism
-    from entity_circuits.smollm2 import (best_setting, kept_circuit, stored_accuracy_grid, stored_circuit_checks,
-                                         stored_circuit_scores, template_prefix)
+    from entity_circuits.smollm2 import (EXTRA_DCM_BATCH, best_setting, kept_circuit, stored_accuracy_grid,
+                                         stored_circuit_checks, stored_circuit_scores, template_prefix)
     from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
     for m in zoo.extras:

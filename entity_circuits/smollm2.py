@@ -18,7 +18,7 @@ from .results import cached
 from .zoo import SMOLLM2, TEST_SEED
 
 # %% auto #0
-__all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'template_prefix', 'accuracy_grid', 'tracking', 'best_setting',
+__all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'EXTRA_DCM_BATCH', 'template_prefix', 'accuracy_grid', 'tracking', 'best_setting',
            'stored_accuracy_grid', 'plot_accuracy_grid', 'circuit_scores', 'attribution_agreement',
            'stored_circuit_scores', 'kept_circuit', 'circuit_faithfulness', 'circuit_minimality',
            'stored_circuit_checks']
@@ -201,3 +201,8 @@ def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfuln
                                            dict(common, n=n_faithfulness, n_random=n_random), [name], root),
             f"minimality_{name}": cached(f"minimality_{name}", minimality,
                                          dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0), [name], root)}
+
+# %% ../nbs/10c_smollm2.ipynb #f2ea16e3
+EXTRA_DCM_BATCH = 8
+"""DCM's batch on an extra model: its `Config.dcm_sizes_extra` train pairs in batches of 8 give the mask 16 updates
+over two epochs (the organisms' 1000 pairs in batches of 32: 64)."""
