@@ -501,7 +501,7 @@ class DesiderataPair:
         "Target text of the desideratum `name` (one of `DESIDERATA`)."
         return self.targets[_desideratum(name)]
 
-
+# %% ../nbs/02_data.ipynb #8eafa6a7
 def make_desiderata(
     n: int,
     n_boxes: int = 7,
@@ -534,7 +534,7 @@ def make_desiderata(
         pairs.append(DesiderataPair(base, BoxesExample(tuple(source_objects), tuple(source_labels), j)))
     return pairs
 
-
+# %% ../nbs/02_data.ipynb #56efe70c
 class DesideratumBatch(NamedTuple):
     "Encoded base and source prompts of one desideratum, with the target token of each pair."
 
