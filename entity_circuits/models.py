@@ -193,7 +193,7 @@ def _from_hub(source: str, name: str, what: str, loader, **kwargs):
             f"holds them, or pass path=... to load_model."
         ) from None
 
-
+# %% ../nbs/03_models.ipynb #8f86751e
 def _attach_adapter(model, adapter: str, name: str, base_desc: str, merge: bool, **kwargs):
     from peft import PeftModel
 
@@ -211,6 +211,31 @@ def _attach_adapter(model, adapter: str, name: str, base_desc: str, merge: bool,
     return model.merge_and_unload() if merge else model
 
 
+def _from_gguf(file: Path, dtype: torch.dtype):
+    """Load a GGUF checkpoint as an ordinary model. transformers de-quantizes its weights to float32
+    `nn.Linear`s but keeps the model tagged as quantized, which blocks `.half()`, `.float()` and
+    `save_pretrained`; copying the weights into an untagged model of the same config (a few seconds)
+    gives a plain `LlamaForCausalLM` with identical logits."""
+    from transformers import AutoModelForCausalLM
+
+    tagged = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    config = tagged.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(tagged.config).from_dict(config), dtype=torch.float32)
+    model.load_state_dict(tagged.state_dict())  # strict; tied embeddings stay tied
+    return model.to(dtype)
+
+
+def _adapter_available(source: str):
+    "Raise OSError if a LoRA adapter (local dir or hub id) cannot be found on this machine."
+    if Path(source).is_dir():
+        if not (Path(source) / "adapter_config.json").exists():
+            raise OSError(f"{source} is not a local folder with adapter_config.json")
+        return source
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(source, "adapter_config.json")
+
+# %% ../nbs/03_models.ipynb #65ec78a3
 def load_model(
     name: str,
     dtype: torch.dtype = torch.float32,
@@ -268,28 +293,3 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(device)
     return model.eval(), tokenizer
-
-
-def _from_gguf(file: Path, dtype: torch.dtype):
-    """Load a GGUF checkpoint as an ordinary model. transformers de-quantizes its weights to float32
-    `nn.Linear`s but keeps the model tagged as quantized, which blocks `.half()`, `.float()` and
-    `save_pretrained`; copying the weights into an untagged model of the same config (a few seconds)
-    gives a plain `LlamaForCausalLM` with identical logits."""
-    from transformers import AutoModelForCausalLM
-
-    tagged = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
-    config = tagged.config.to_dict()
-    config.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(type(tagged.config).from_dict(config), dtype=torch.float32)
-    model.load_state_dict(tagged.state_dict())  # strict; tied embeddings stay tied
-    return model.to(dtype)
-
-
-def _adapter_available(source: str):
-    "Raise OSError if a LoRA adapter (local dir or hub id) cannot be found on this machine."
-    if Path(source).is_dir():
-        if not (Path(source) / "adapter_config.json").exists():
-            raise OSError(f"{source} is not a local folder with adapter_config.json")
-        return source
-    from huggingface_hub import hf_hub_download
-    return hf_hub_download(source, "adapter_config.json")
