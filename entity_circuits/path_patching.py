@@ -357,7 +357,7 @@ def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: in
     return PatchingCache([(c, x, _clean_cache(model, c), [merge_heads(z) for z in capture_heads(model, x, "o")])
                           for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size))])
 
-
+# %% ../nbs/06_path_patching.ipynb #076d910b
 @torch.no_grad()
 def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path: GroupPath, receivers) -> torch.Tensor:
     "Relative change of the answer probability, per sender `[L, H, b]`, for one chunk of prompts."
@@ -378,7 +378,7 @@ def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path
         out[layer] = (p - cache.p_clean) / cache.p_clean
     return out
 
-
+# %% ../nbs/06_path_patching.ipynb #d25b8aaa
 @torch.no_grad()
 def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: GroupPath, receivers) -> torch.Tensor:
     "The same scores the way the paper computes them: two full forward passes per sender, hooks on every head."
@@ -418,7 +418,7 @@ def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: GroupPath,
             out[layer, head] = (prob(logits) - p_clean) / p_clean
     return out
 
-
+# %% ../nbs/06_path_patching.ipynb #db2a271e
 def path_patching(
     model,
     clean: BoxesBatch,
