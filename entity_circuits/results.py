@@ -253,7 +253,7 @@ def _jsonable(x):
     "`x` as JSON would give it back (tuples become lists, numpy scalars plain numbers), for comparing parameters."
     return json.loads(json.dumps(x, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
-
+# %% ../nbs/00_results.ipynb #28964f77
 def _code_unit(compute) -> str | None:
     """The package unit (`module:name`) that defines `compute`: through `functools.partial`, and for a lambda or
     closure the top-level function it was made in; a chapter's exported definition through `_exported_module`.
