@@ -13,10 +13,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesExample, encode, sample_boxes, sample_usable
+from .data import BoxesExample, encode, sample_usable
 from .evaluate import bootstrap_ci, predictions, ratio_ci
 from .models import progress_disabled
-from .path_patching import GROUPS, Circuit, discover_circuit, discovery_prompts
+from .groups import GROUPS, Circuit
+from .path_patching import discover_circuit, discovery_prompts
 from .results import cached, load_result, results_dir
 from .tracing import attention_layout, capture_heads, patch_heads
 from .zoo import TEST_SEED, Zoo

@@ -12,10 +12,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesBatch, encode, sample_boxes, sample_usable, usable_labels, usable_objects
+from .data import BoxesBatch, encode, sample_usable
 from .evaluate import TEST_SEED, bootstrap_ci, paired_difference, predictions
 from .models import load_model, progress_disabled
-from .path_patching import GROUP_LETTERS, GROUPS, PATHS
+from .groups import GROUP_LETTERS, GROUPS, PATHS
 from .results import cached
 from .tracing import TraceDict, attention_layout, get_module, split_heads
 

@@ -19,7 +19,7 @@ from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, _desideratu
                                   make_desiderata, usable_labels, usable_objects)
 from .models import progress_disabled
 from .results import cached
-from .path_patching import GROUP_LABELS, GROUP_LETTERS, GROUPS, PATHS, Circuit
+from .groups import GROUP_LETTERS, GROUPS, PATHS, Circuit
 from .tracing import attention_layout, capture_heads, patch_heads
 
 # %% auto #0

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Sequence
 
 import numpy as np

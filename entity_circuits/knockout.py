@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import BoxesBatch, sample_usable
 from .evaluate import TEST_SEED, bootstrap_ci, predictions
 from .models import progress_disabled
-from .path_patching import paper_asset
+from .groups import paper_asset
 from .results import cached
 from .tracing import attention_layout, get_module
 

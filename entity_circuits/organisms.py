@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import os
 import random
 import shlex
@@ -17,18 +15,17 @@ import shutil
 import string
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import MANIFEST_NAME, organisms_dir, progress_disabled, verify_manifest, write_manifest
-from .data import BoxesExample, LABELS, encode, load_objects, sample_boxes, word_level_tokenizer
+from .data import BoxesExample, LABELS, load_objects, sample_boxes, word_level_tokenizer
 
 # %% auto #0
 __all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'THINGS', 'CONTAINERS', 'PEOPLE', 'EXTRA_WORDS', 'Doc',

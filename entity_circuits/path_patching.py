@@ -14,137 +14,19 @@ import torch
 from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import rotate_half
 
-import json
-from importlib import resources
-from pathlib import Path
 
 from .data import (BoxesBatch, corrupt_for_path_patching, encode, sample_boxes, usable_labels,
                                   usable_objects)
+from .groups import (GROUP_LABELS, GROUP_LETTERS, GROUPS, PATHS, Circuit, GroupPath,  # noqa: F401
+                                    paper_asset, paper_circuit, paper_scores)   # (re-exported: the groups chapter's)
 from .models import progress_disabled
 from .tracing import (TraceDict, attention_layout, capture_heads, get_module, merge_heads,
                                      patch_heads, split_heads)
 
 # %% auto #0
-__all__ = ['GROUPS', 'GROUP_LABELS', 'GROUP_LETTERS', 'PATHS', 'ENGINE_MODEL_TYPES', 'GroupPath', 'Circuit', 'paper_asset',
-           'paper_circuit', 'paper_scores', 'EngineUnsupportedError', 'engine_unsupported', 'PatchingCache',
-           'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts',
-           'discover_circuit', 'plot_scores']
-
-# %% ../nbs/06_path_patching.ipynb #c2bd6e9b
-GROUPS = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")
-"The paper's four groups, in discovery order (the keys of its circuit files)."
-
-GROUP_LABELS = {"value_fetcher": "A: Value Fetcher", "pos_transmitter": "B: Position Transmitter",
-                "pos_detector": "C: Position Detector", "struct_reader": "D: Structure Reader"}
-
-GROUP_LETTERS = {g: label[0] for g, label in GROUP_LABELS.items()}
-"The paper's letters for the four groups (A, B, C, D)."
-
-
-@dataclass(frozen=True)
-class GroupPath:
-    "How a group is scored: senders at `position`, effect measured through `receiver_kind` inputs of `receivers`."
-    position: str                    # 'last', 'query' or 'prev_query' (a `BoxesBatch` field without `_pos`)
-    receivers: str | None            # the group whose inputs the senders act on; None = the logits directly
-    receiver_kind: str | None        # 'q' or 'v' (the receivers' query or value input at `position`)
-
-    @property
-    def field(self) -> str:
-        "The `BoxesBatch` field holding the position: 'last_pos', 'query_pos' or 'prev_query_pos'."
-        return f"{self.position}_pos"
-
-    def positions(self, batch: BoxesBatch) -> torch.Tensor:
-        "The group's token position in every prompt of `batch`: `[b]`."
-        return getattr(batch, self.field)
-
-
-PATHS = {
-    "value_fetcher": GroupPath("last", None, None),
-    "pos_transmitter": GroupPath("last", "value_fetcher", "q"),
-    "pos_detector": GroupPath("query", "pos_transmitter", "v"),
-    "struct_reader": GroupPath("prev_query", "pos_detector", "v"),
-}
-
-# %% ../nbs/06_path_patching.ipynb #bb2f4867
-def _as_head(x) -> tuple[int, int]:
-    if isinstance(x, (str, bytes)) or len(x) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x):
-        raise ValueError(f"a head is a pair of ints (layer, head), got {x!r}.")
-    if min(x) < 0:
-        raise ValueError(f"a head's layer and index are non-negative, got {tuple(x)}.")
-    return int(x[0]), int(x[1])
-
-
-@dataclass(frozen=True)
-class Circuit:
-    "A circuit as data: for each of the paper's four groups, a tuple of `(layer, head)`, in the order found."
-    value_fetcher: tuple = ()
-    pos_transmitter: tuple = ()
-    pos_detector: tuple = ()
-    struct_reader: tuple = ()
-
-    def __post_init__(self):
-        for g in GROUPS:
-            heads = tuple(_as_head(h) for h in getattr(self, g))
-            dup = sorted({h for h in heads if heads.count(h) > 1})
-            if dup:
-                raise ValueError(f"group {g!r} lists heads {dup} more than once.")
-            object.__setattr__(self, g, heads)
-
-    def __getitem__(self, group: str) -> tuple:
-        if group not in GROUPS:
-            raise KeyError(f"unknown group {group!r}; the groups are {list(GROUPS)}.")
-        return getattr(self, group)
-
-    def heads(self) -> list[tuple[int, int]]:
-        "Every head of the circuit once (a head may serve in several groups), sorted."
-        return sorted({h for g in GROUPS for h in self[g]})
-
-    def sizes(self) -> dict[str, int]:
-        return {g: len(self[g]) for g in GROUPS}
-
-    def check(self, model) -> "Circuit":
-        "Raise a clear error if a head does not exist in `model`; returns the circuit."
-        lay = attention_layout(model)
-        for g in GROUPS:
-            for l, h in self[g]:
-                lay.check(l, h)
-        return self
-
-    def to_dict(self) -> dict[str, list[list[int]]]:
-        "The paper's file shape: `{group: [[layer, head], ...]}`."
-        return {g: [list(h) for h in self[g]] for g in GROUPS}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Circuit":
-        unknown = set(d) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"unknown circuit groups {sorted(unknown)}; expected keys among {list(GROUPS)}.")
-        return cls(**{g: tuple(map(tuple, d.get(g, ()))) for g in GROUPS})
-
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path) -> "Circuit":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def paper_asset(*parts: str):
-    "A file of the paper's published results shipped with the package (`assets/paper/...`)."
-    return resources.files("entity_circuits").joinpath("assets", "paper", *parts)
-
-
-def paper_circuit(model: str = "llama") -> Circuit:
-    "The authors' circuit for `model` ('llama', 'goat' or 'float'), from their published file."
-    if model not in ("llama", "goat", "float"):
-        raise ValueError(f"the paper published circuits for 'llama', 'goat' and 'float', not {model!r}.")
-    return Circuit.from_dict(json.loads(paper_asset(f"{model}_circuit.json").read_text()))
-
-
-def paper_scores(group: str) -> np.ndarray:
-    "The authors' LLaMA-7B path-patching grid `[32 layers, 32 heads]` for `group`."
-    data = json.loads(paper_asset("path_patching", f"llama_{group}.scores.json").read_text())
-    return np.array(data["layer_by_head"])
+__all__ = ['ENGINE_MODEL_TYPES', 'EngineUnsupportedError', 'engine_unsupported', 'PatchingCache', 'patching_cache',
+           'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts', 'discover_circuit',
+           'plot_scores']
 
 # %% ../nbs/06_path_patching.ipynb #bc747675
 def _parts(model):

@@ -179,12 +179,13 @@ def code_closure(start: str | None = None, files: Mapping[str, bytes] | None = N
 
 
 def code_fingerprint(start: str | None = None, files: Mapping[str, bytes] | None = None) -> str:
-    "sha256 over the source of every unit `start` reaches (`code_closure`)."
+    """sha256 over the source of every unit `start` reaches (`code_closure`), each named by what it binds, not by its
+    module: a definition moved to another module, unchanged, is the same code."""
     if files is None:
         return _current_fingerprint(start)
     units, h = code_units(files), hashlib.sha256()
-    for key in code_closure(start, files):
-        h.update(key.encode() + b"\0" + units[key].text.encode() + b"\0")
+    for name, text in sorted((key.split(":", 1)[1], units[key].text) for key in code_closure(start, files)):
+        h.update(name.encode() + b"\0" + text.encode() + b"\0")
     return h.hexdigest()
 
 

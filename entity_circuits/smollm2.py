@@ -13,7 +13,7 @@ import pandas as pd
 from .circuit import evaluate_circuit, head_means, minimality_table
 from .data import sample_usable
 from .evaluate import bootstrap_ci, predictions
-from .path_patching import Circuit
+from .groups import Circuit
 from .results import cached
 from .zoo import SMOLLM2, TEST_SEED
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .circuit import PAPER_TABLE1
 from .evaluate import PAPER_ACCURACY, ratio_ci
-from .path_patching import GROUP_LETTERS
+from .groups import GROUP_LETTERS
 from .results import load_result
 from .zoo import ROLES, SMOLLM2, role_of
 
