@@ -51,8 +51,11 @@ reproduce: setup smollm2
 	$(BIN)/entity-circuits reproduce
 	$(MAKE) book
 
+# The chapters run first, one kernel per core with one torch thread each, into the execution cache the build reads
+# (tools/execute_book.py empties it first: every chapter runs afresh, never a stale page); --all rebuilds every page.
 book: setup
-	$(BIN)/jupyter-book build --all . $(BOOK_FLAGS)  # --all: re-execute every chapter, never a stale page
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python tools/execute_book.py
+	$(BIN)/jupyter-book build --all . $(BOOK_FLAGS)
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 # After editing notebooks: export the package and strip outputs.
