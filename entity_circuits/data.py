@@ -19,9 +19,9 @@ import torch
 
 # %% auto #0
 __all__ = ['LABELS', 'TEMPLATE_WORDS', 'SPECIAL_TOKENS', 'DESIDERATA', 'load_objects', 'BoxesExample', 'sample_boxes',
-           'word_level_tokenizer', 'MultiTokenWordError', 'BoxesBatch', 'encode', 'token_table', 'usable_objects',
-           'usable_labels', 'sample_usable', 'corrupt_for_path_patching', 'DesiderataPair', 'make_desiderata',
-           'DesideratumBatch', 'encode_desiderata']
+           'word_level_tokenizer', 'MultiTokenWordError', 'first_token_ids', 'BoxesBatch', 'encode', 'token_table',
+           'usable_objects', 'usable_labels', 'sample_usable', 'corrupt_for_path_patching', 'normalize_desideratum',
+           'DesiderataPair', 'make_desiderata', 'DesideratumBatch', 'encode_desiderata']
 
 # %% ../nbs/02_data.ipynb #data-005
 LABELS: tuple[str, ...] = tuple(string.ascii_uppercase)
@@ -213,7 +213,7 @@ def _require_fast(tokenizer) -> None:
             "with AutoTokenizer.from_pretrained(..., use_fast=True), or build one with word_level_tokenizer().")
 
 
-def _first_token_ids(tokenizer, texts: Sequence[str]) -> list[int]:
+def first_token_ids(tokenizer, texts: Sequence[str]) -> list[int]:
     "The first token id of each text, tokenized without special tokens (the answer/target rule)."
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     empty = [t for t, i in zip(texts, ids) if not i]
@@ -277,7 +277,7 @@ def _analyse(examples: Sequence[BoxesExample], tokenizer, prefix: str = ""):
     _require_fast(tokenizer)
     enc = tokenizer([prefix + ex.prompt for ex in examples], add_special_tokens=True, return_offsets_mapping=True)
     words = sorted({o for ex in examples for o in ex.objects})
-    answer_of = dict(zip(words, _first_token_ids(tokenizer, [" " + w for w in words])))
+    answer_of = dict(zip(words, first_token_ids(tokenizer, [" " + w for w in words])))
     unk = getattr(tokenizer, "unk_token_id", None)
     located = [_locate(ex, ids, offs, unk, answer_of, prefix)
                for ex, ids, offs in zip(examples, enc["input_ids"], enc["offset_mapping"])]
@@ -449,7 +449,7 @@ DESIDERATA: tuple[str, ...] = ("object", "position", "label")
 "The DCM desiderata, in the paper's order (names are case-insensitive where accepted)."
 
 
-def _desideratum(name: str) -> str:
+def normalize_desideratum(name: str) -> str:
     key = name.lower() if isinstance(name, str) else name
     if key not in DESIDERATA:
         raise ValueError(f"unknown desideratum {name!r}; choose one of {DESIDERATA}")
@@ -499,7 +499,7 @@ class DesiderataPair:
 
     def target(self, name: str) -> str:
         "Target text of the desideratum `name` (one of `DESIDERATA`)."
-        return self.targets[_desideratum(name)]
+        return self.targets[normalize_desideratum(name)]
 
 # %% ../nbs/02_data.ipynb #8eafa6a7
 def make_desiderata(
@@ -553,9 +553,9 @@ def encode_desiderata(
     prefix: str = "",  # text before every prompt (see `encode`)
 ) -> DesideratumBatch:
     "Encode the base and source prompts of `pairs` and the target token ids of desideratum `name`."
-    name = _desideratum(name)
+    name = normalize_desideratum(name)
     pairs = _as_list(pairs, DesiderataPair)
     base = encode([p.base for p in pairs], tokenizer, padding_side, device, prefix)
     source = encode([p.source for p in pairs], tokenizer, padding_side, device, prefix)
-    targets = torch.tensor(_first_token_ids(tokenizer, [p.target(name) for p in pairs]), dtype=torch.long)
+    targets = torch.tensor(first_token_ids(tokenizer, [p.target(name) for p in pairs]), dtype=torch.long)
     return DesideratumBatch(name, base, source, targets if device is None else targets.to(device))

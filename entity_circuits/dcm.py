@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, _desideratum, _first_token_ids, encode_desiderata,
+from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, normalize_desideratum, first_token_ids, encode_desiderata,
                                   make_desiderata, usable_labels, usable_objects)
 from .models import progress_disabled
 from .results import cached
@@ -107,7 +107,7 @@ def encode_pairs(pairs: Sequence[DesiderataPair], tokenizer, prefix: str = "", r
     (see `encode`). `restrict`: answers are read among the base's and the source's objects, where every
     desideratum's target lies (as `predictions(restrict=True)` reads them among the context's objects)."""
     first = encode_desiderata(pairs, DESIDERATA[0], tokenizer, prefix=prefix)
-    targets = {d: torch.tensor(_first_token_ids(tokenizer, [p.target(d) for p in pairs])) for d in DESIDERATA}
+    targets = {d: torch.tensor(first_token_ids(tokenizer, [p.target(d) for p in pairs])) for d in DESIDERATA}
     candidates = torch.cat([_object_ids(first.base), _object_ids(first.source)], 1) if restrict else None
     return EncodedPairs(first.base, first.source, targets, candidates)
 
@@ -122,7 +122,7 @@ def group_data(model, enc: EncodedPairs, heads, group: str, source: torch.Tensor
 
 def dcm_data(model, tokenizer, pairs: Sequence[DesiderataPair], desideratum: str, heads, group: str) -> DCMData:
     "Encode `pairs` for `desideratum` and cache the source outputs of `heads` at `group`'s position."
-    return group_data(model, encode_pairs(pairs, tokenizer), heads, group)[_desideratum(desideratum)]
+    return group_data(model, encode_pairs(pairs, tokenizer), heads, group)[normalize_desideratum(desideratum)]
 
 # %% ../nbs/08_dcm.ipynb #0bd73972
 @contextlib.contextmanager
@@ -353,7 +353,7 @@ def original_position_targets(pairs: Sequence[DesiderataPair], tokenizer, seed: 
     "Position targets as the original code effectively had them: the target box drawn from all boxes, the base's own included."
     rng = random.Random(seed)
     words = [" " + p.base.objects[rng.randrange(p.base.n_boxes)] for p in pairs]
-    return torch.tensor(_first_token_ids(tokenizer, words))
+    return torch.tensor(first_token_ids(tokenizer, words))
 
 # %% ../nbs/08_dcm.ipynb #eee882d4
 FIG3_SEED = 31_337
@@ -513,7 +513,7 @@ def variant_data(model, tokenizer, pairs: Sequence[DesiderataPair], variant: str
     targets = [" " + p.base.objects[p.source.query + shift] for p in keep]
     return DCMData(d.base.model_inputs(), d.base.last_pos, d.base.last_pos,
                    source_cache(model, src_inputs, src_last, heads),
-                   torch.tensor(_first_token_ids(tokenizer, targets)))
+                   torch.tensor(first_token_ids(tokenizer, targets)))
 
 
 def variant_table(model, tokenizer, heads, splits, variants: Sequence[str] = tuple(VARIANTS), seed: int = 0,

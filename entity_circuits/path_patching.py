@@ -24,12 +24,12 @@ from .tracing import (TraceDict, attention_layout, capture_heads, get_module, me
                                      patch_heads, split_heads)
 
 # %% auto #0
-__all__ = ['ENGINE_MODEL_TYPES', 'EngineUnsupportedError', 'engine_unsupported', 'PatchingCache', 'patching_cache',
-           'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts', 'discover_circuit',
-           'plot_scores']
+__all__ = ['ENGINE_MODEL_TYPES', 'model_parts', 'apply_rope', 'EngineUnsupportedError', 'engine_unsupported', 'PatchingCache',
+           'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts',
+           'discover_circuit', 'plot_scores']
 
 # %% ../nbs/06_path_patching.ipynb #bc747675
-def _parts(model):
+def model_parts(model):
     "The pieces of a Llama-family model the engine calls: layout, decoder layers, final norm, rotary, lm_head."
     lay = attention_layout(model)
     layers = get_module(model, lay.prefix)
@@ -59,7 +59,7 @@ class _Cache:
 
 @torch.no_grad()
 def _clean_cache(model, batch: BoxesBatch) -> _Cache:
-    lay, _, _, rotary, _ = _parts(model)
+    lay, _, _, rotary, _ = model_parts(model)
     names = {}
     for l in range(lay.n_layers):
         names.update({f"{lay.prefix}.{l}": "resid_pre", f"{lay.prefix}.{l}.post_attention_layernorm": "resid_mid",
@@ -74,7 +74,7 @@ def _clean_cache(model, batch: BoxesBatch) -> _Cache:
                   get("v", "output"), cos, sin, _answer_prob(logits[ar, batch.last_pos], batch.answer_ids))
 
 # %% ../nbs/06_path_patching.ipynb #46ff0771
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     "RoPE on `[N, t, heads, d]` with `cos`/`sin` `[N, t, d]` (the rotation Llama applies to queries and keys)."
     return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
 
@@ -94,7 +94,7 @@ def _sender_sweep(parts, cache: _Cache, corrupt_z: list, batch: BoxesBatch, pos:
     """Step 1 for the senders `heads` of one layer, all at once: each sender's corrupt output at `pos`, every other
     head frozen, recomputing only the MLPs at `pos` (the only position a frozen-attention change can reach).
     Returns the answer probability `[S, b]` if `kind` is None, else the receivers' `kind` inputs per layer.
-    `parts` is `_parts(model)`."""
+    `parts` is `model_parts(model)`."""
     lay, layers, norm, _, lm_head = parts
     ar = torch.arange(len(batch), device=pos.device)
     at = lambda x: x[ar, pos]                                   # [b, ...] at each example's sender position
@@ -145,8 +145,8 @@ def _receiver_suffix(parts, cache: _Cache, batch: BoxesBatch, pos: torch.Tensor,
                 else:
                     kv = lay.kv_head(head)
                     v[rows, local + s, kv] = new[:, kv]
-        q = _rope(q, cos[:, s:], sin[:, s:])
-        k = _rope(k, cos, sin)
+        q = apply_rope(q, cos[:, s:], sin[:, s:])
+        k = apply_rope(k, cos, sin)
         z = _attend(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lay.group_size, qpos, key_mask)
         h = h + attn.o_proj(merge_heads(z))
         h = h + blk.mlp(blk.post_attention_layernorm(h))
@@ -243,7 +243,7 @@ def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: in
 @torch.no_grad()
 def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path: GroupPath, receivers) -> torch.Tensor:
     "Relative change of the answer probability, per sender `[L, H, b]`, for one chunk of prompts."
-    parts = _parts(model)
+    parts = model_parts(model)
     lay = parts[0]
     pos = path.positions(clean)
     out = torch.zeros(lay.n_layers, lay.n_heads, len(clean), device=pos.device)

@@ -30,7 +30,7 @@ def batch(tok):
 
 @pytest.mark.parametrize("kv", [4, 2])
 def test_rope_and_attend_reproduce_the_models_own_attention(tok, batch, kv):
-    "q, k, v from the projections, `_rope` with the cache's tables and `_attend` give the o_proj input, per head."
+    "q, k, v from the projections, `apply_rope` with the cache's tables and `_attend` give the o_proj input, per head."
     model = tiny_llama(n_layers=2, n_heads=4, n_kv_heads=kv, head_dim=8, vocab_size=len(tok), seed=kv).eval()
     lay = attention_layout(model)
     cache = pp._clean_cache(model, batch)
@@ -40,10 +40,10 @@ def test_rope_and_attend_reproduce_the_models_own_attention(tok, batch, kv):
         model(**batch.model_inputs())
     T = batch.input_ids.shape[1]
     for l in range(lay.n_layers):
-        attn = pp._parts(model)[1][l].self_attn
+        attn = pp.model_parts(model)[1][l].self_attn
         q, k, v = (split_heads(td[lay.module(l, x)].output, n) for x, n in
                    (("q", lay.n_heads), ("k", lay.n_kv_heads), ("v", lay.n_kv_heads)))
-        q, k = pp._rope(q, cache.cos, cache.sin), pp._rope(k, cache.cos, cache.sin)
+        q, k = pp.apply_rope(q, cache.cos, cache.sin), pp.apply_rope(k, cache.cos, cache.sin)
         z = pp._attend(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lay.group_size,
                        torch.arange(T), batch.attention_mask)
         real = batch.attention_mask.bool()                          # padded query rows are not compared
