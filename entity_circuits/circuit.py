@@ -415,13 +415,13 @@ def head_grids(table: pd.DataFrame, column: str = "score") -> dict[str, np.ndarr
 def attention_pattern(model, batch, layer: int, head: int) -> torch.Tensor:
     "Attention weights `[b, T, T]` of one head (queries x keys), computed from its queries and keys with RoPE."
     from entity_circuits.path_patching import model_parts, apply_rope
-    lay, layers, _, rotary, _ = model_parts(model)
-    lay.check(layer, head)
+    parts = model_parts(model)
+    parts.layout.check(layer, head)
     q = capture_heads(model, batch, "q", layers=[layer])[0][:, :, head]
     k = capture_heads(model, batch, "k", layers=[layer])[0][:, :, head]
-    cos, sin = rotary(q, batch.position_ids)
+    cos, sin = parts.rotary(q, batch.position_ids)
     q, k = apply_rope(q[:, :, None], cos, sin)[:, :, 0], apply_rope(k[:, :, None], cos, sin)[:, :, 0]
-    scores = (q @ k.transpose(-1, -2)) * layers[layer].self_attn.scaling
+    scores = (q @ k.transpose(-1, -2)) * parts.layers[layer].self_attn.scaling
     T = scores.shape[-1]
     allowed = torch.ones(T, T, dtype=torch.bool).tril()[None] & batch.attention_mask[:, None, :].bool()
     return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).float().softmax(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,8 @@ from .tracing import TraceDict, attention_layout, get_module, split_heads
 
 # %% auto #0
 __all__ = ['PAPER_CMAP', 'PAPER_CMAP_BASE', 'CMAP_INPUT_KINDS', 'HeadActivations', 'head_activations', 'Contributions',
-           'head_contributions', 'cmap_patch', 'input_patch', 'cmap_predictions', 'cmap_accuracy', 'cmap_table',
-           'stored_cmap', 'plot_cmap']
+           'head_contributions', 'cmap_patch', 'input_patch', 'cmap_predictions', 'cmap_accuracy', 'CmapConfig',
+           'cmap_configs', 'cmap_table', 'stored_cmap', 'plot_cmap']
 
 # %% ../nbs/09_cmap.ipynb #cee235a1
 def _positions(batch: BoxesBatch, positions) -> torch.Tensor | None:
@@ -207,6 +207,7 @@ def _kinds(kinds: str) -> str:
     return "".join(c for c in "qkv" if c in k)
 
 
+# %% ../nbs/09_cmap.ipynb #afdfbb69
 @contextlib.contextmanager
 def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds: str = "qkv", positions="last_pos",
                 clean: HeadActivations | None = None):
@@ -336,6 +337,24 @@ PAPER_CMAP_BASE = 0.66
 "LLaMA-7B's own accuracy, Fig. 4's reference line."
 
 
+# %% ../nbs/09_cmap.ipynb #de2761a6
+class CmapConfig(NamedTuple):
+    "One patch of `cmap_table`: a group's heads (or every group's: `full`) and what of them is patched."
+    group: str                 # 'D', 'C', 'B', 'A' or 'full'
+    heads_by_group: dict       # {group: [(layer, head), ...]}: the heads patched, each group at its position
+    patch: str                 # 'output', or the inputs 'Q', 'K', 'V', 'QK', 'QKV'
+    n_heads: int               # distinct heads patched (0: nothing to patch, the row gets no accuracy)
+
+
+def cmap_configs(heads_by_group: Mapping, patches: Sequence[str] = ("output",), full: bool = True) -> list[CmapConfig]:
+    "`cmap_table`'s patches in its row order: per kind of patch, the groups D, C, B, A present, then `full`."
+    groups = [(GROUP_LETTERS[g], {g: heads_by_group[g]}) for g in reversed(GROUPS) if g in heads_by_group]
+    groups += [("full", dict(heads_by_group))] if full else []
+    return [CmapConfig(group, hbg, patch, len({tuple(h) for hs in hbg.values() for h in hs}))
+            for patch in patches for group, hbg in groups]
+
+
+# %% ../nbs/09_cmap.ipynb #fac682f5
 def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapping, n: int = 500, n_boxes: int = 7,
                seed: int = TEST_SEED, patches: Sequence[str] = ("output",), full: bool = True,
                batch_size: int = 100, load: Callable | None = None) -> pd.DataFrame:
@@ -352,10 +371,7 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
     base, tok = load(base_name)
     examples = sample_usable(tok, n, n_boxes, seed)
     base_correct = predictions(base, tok, examples, batch_size, progress=False)
-    groups = [(GROUP_LETTERS[g], {g: heads_by_group[g]}) for g in reversed(GROUPS) if g in heads_by_group]
-    groups += [("full", dict(heads_by_group))] if full else []
-    configs = [(group, hbg, patch, len({tuple(h) for hs in hbg.values() for h in hs}))
-               for patch in patches for group, hbg in groups]
+    configs = cmap_configs(heads_by_group, patches, full)
 
     def row(source, model, group, patch, heads, correct):
         r = dict(source=source, model=model, group=group, patch=patch, heads=heads, n=n, seed=seed)
@@ -366,16 +382,17 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
                         delta_ci_high=dhi)
 
     rows = [row(base_name, base_name, "alone", "none", 0, base_correct)]
-    todo = [c for c in configs if c[3]]   # configurations with at least one head to patch
+    todo = [c for c in configs if c.n_heads]   # configurations with at least one head to patch
     for name in tqdm(source_names, desc="CMAP sources", disable=progress_disabled(), leave=False):
         source, _ = load(name)
         rows.append(row(name, name, "alone", "none", 0, predictions(source, tok, examples, batch_size, progress=False)))
-        results = cmap_predictions(base, source, tok, examples, [(hbg, patch) for _, hbg, patch, _ in todo], batch_size)
-        done = dict(zip([(g, p) for g, _, p, _ in todo], results))
-        rows += [row(name, base_name, g, p, k, done.get((g, p))) for g, _, p, k in configs]
+        results = cmap_predictions(base, source, tok, examples, [(c.heads_by_group, c.patch) for c in todo], batch_size)
+        done = dict(zip([(c.group, c.patch) for c in todo], results))
+        rows += [row(name, base_name, c.group, c.patch, c.n_heads, done.get((c.group, c.patch))) for c in configs]
     return pd.DataFrame(rows)
 
 
+# %% ../nbs/09_cmap.ipynb #eb62559a
 CMAP_INPUT_KINDS = ("Q", "K", "V", "QK", "QKV")
 "The input patches of the chapter's second table, on the A and B heads."
 

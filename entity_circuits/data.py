@@ -205,6 +205,7 @@ class MultiTokenWordError(ValueError):
             "the tokenizer's vocabulary.")
 
 
+# %% ../nbs/02_data.ipynb #debb0094
 def _require_fast(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
@@ -222,6 +223,7 @@ def first_token_ids(tokenizer, texts: Sequence[str]) -> list[int]:
     return [i[0] for i in ids]
 
 
+# %% ../nbs/02_data.ipynb #4623cb73
 @dataclass(frozen=True)
 class _Located:
     object_pos: tuple[int, ...]
@@ -263,6 +265,7 @@ def _locate(ex: BoxesExample, ids: Sequence[int], offsets, unk_id, answer_of: di
     return _Located(tuple(object_pos), tuple(label_pos), query_pos), problems
 
 
+# %% ../nbs/02_data.ipynb #7063e0da
 def _as_list(items, cls) -> list:
     if isinstance(items, cls):
         raise TypeError(f"pass a sequence of {cls.__name__}, e.g. [example], not a single one")
@@ -282,6 +285,7 @@ def _analyse(examples: Sequence[BoxesExample], tokenizer, prefix: str = ""):
     located = [_locate(ex, ids, offs, unk, answer_of, prefix)
                for ex, ids, offs in zip(examples, enc["input_ids"], enc["offset_mapping"])]
     return enc["input_ids"], located, answer_of
+
 
 # %% ../nbs/02_data.ipynb #data-019
 @dataclass(frozen=True)

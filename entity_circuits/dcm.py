@@ -299,6 +299,7 @@ def dcm_params(sizes: tuple | None = None, **settings) -> dict:
     return params | {k: v for k, v in settings.items() if k in DCM_PARAMS or v != EXTRA_DCM[k]}
 
 
+# %% ../nbs/08_dcm.ipynb #a0b3aeae
 def _stored_settings(params: dict, tokenizer=None):
     """The splits, how they are read (`prefix`, `restrict`) and the `train_mask` settings of `params` (a
     `dcm_params`), so the stored key is what was run."""
@@ -313,6 +314,7 @@ def _stored_settings(params: dict, tokenizer=None):
     return splits, readout, {k: v for k, v in params.items() if k not in _SPLIT_KEYS and k not in EXTRA_DCM}
 
 
+# %% ../nbs/08_dcm.ipynb #132aae97
 def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None, sizes: tuple | None = None,
                **settings) -> pd.DataFrame:
     """`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`);
@@ -331,14 +333,13 @@ def selected_heads(table: pd.DataFrame) -> dict:
     return {(g, d): parse(h) for g, d, h in zip(table["group"], table["desideratum"], table["heads"])}
 
 
-def stored_functionality(models: dict, names: Sequence[str], tokenizer, heads: dict, root=None, runs: int = 10,
-                         n: int = 500) -> pd.DataFrame:
-    "`functionality` (Fig. 3) of `heads` in `models` (role -> model; `names`: their specs) through the store."
+def stored_functionality(models: dict, tokenizer, heads: dict, root=None, runs: int = 10, n: int = 500) -> pd.DataFrame:
+    "`functionality` (Fig. 3) of `heads` in `models` (model name -> model: the table's `model` column) through the store."
     def compute(heads, **fig3):      # heads keyed "group/desideratum" (a JSON key), back to (group, desideratum)
         return functionality(models, tokenizer, {tuple(k.split("/", 1)): hs for k, hs in heads.items()}, progress=False,
                              **fig3)
     return cached("dcm_functionality", compute, dict(heads={f"{g}/{d}": hs for (g, d), hs in heads.items()}, runs=runs,
-                                                     n=n, seed=FIG3_SEED), list(names), root)
+                                                     n=n, seed=FIG3_SEED), list(models), root)
 
 
 def stored_variants(name: str, model, tokenizer, heads, root=None, sizes: tuple | None = None) -> pd.DataFrame:
@@ -347,6 +348,7 @@ def stored_variants(name: str, model, tokenizer, heads, root=None, sizes: tuple 
         splits, _, train = _stored_settings(params)       # the organisms' pairs, read as theirs
         return variant_table(model, tokenizer, heads, splits, progress=False, **train)
     return cached("dcm_variants", compute, dict(dcm_params(sizes), heads=heads), [name], root)
+
 
 # %% ../nbs/08_dcm.ipynb #26887184
 def original_position_targets(pairs: Sequence[DesiderataPair], tokenizer, seed: int = 0) -> torch.Tensor:

@@ -763,6 +763,7 @@ def _reuse_base(out: Path, recipe: OrganismRecipe):
     return base, old["pretraining"], old["wall_seconds"]["base"], rows, old.get("invocations", [old["command"]])
 
 
+# %% ../nbs/04_organisms.ipynb #73684103
 def _candidate(name: str, lr: float) -> str:
     return f"{name}-lr{lr:g}"
 
@@ -794,6 +795,7 @@ def _replicate_job(out: str, name: str, lr: float, recipe: OrganismRecipe, repli
             **evaluate_organism(model, tokenizer, recipe)}
 
 
+# %% ../nbs/04_organisms.ipynb #f9d36ab8
 REPLICATES_CSV = "curves/replicates.csv"
 
 
@@ -807,6 +809,7 @@ def _run_jobs(fn: Callable, jobs: Sequence[tuple], workers: int = 1) -> list:
         return list(pool.map(fn, *zip(*jobs)))
 
 
+# %% ../nbs/04_organisms.ipynb #96b3d7de
 def fine_tune_replicates(out: str | os.PathLike, recipe: OrganismRecipe, lrs: Mapping[str, float],
                          replicates: Sequence[int], workers: int = 1, invocation: str | None = None) -> pd.DataFrame:
     """Replicates of every role's fine-tune (`FINE_TUNES`) of the base in `out`, each at `lrs[role]` (the shipped
@@ -837,6 +840,7 @@ def fine_tune_replicates(out: str | os.PathLike, recipe: OrganismRecipe, lrs: Ma
                               "done": sorted(int(r) for r in new.replicate.unique() if r >= 0)}
     write_manifest(out, **manifest)
     return new
+
 
 # %% ../nbs/04_organisms.ipynb #trainorg
 def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.PathLike | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields, replace
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,21 +20,30 @@ from .data import (BoxesBatch, corrupt_for_path_patching, encode, sample_boxes, 
 from .groups import (GROUP_LABELS, GROUP_LETTERS, GROUPS, PATHS, Circuit, GroupPath,  # noqa: F401
                                     paper_asset, paper_circuit, paper_scores)   # (re-exported: the groups chapter's)
 from .models import progress_disabled
-from .tracing import (TraceDict, attention_layout, capture_heads, get_module, merge_heads,
-                                     patch_heads, split_heads)
+from .tracing import (AttentionLayout, TraceDict, attention_layout, capture_heads, get_module,
+                                     merge_heads, patch_heads, split_heads)
 
 # %% auto #0
-__all__ = ['ENGINE_MODEL_TYPES', 'model_parts', 'apply_rope', 'EngineUnsupportedError', 'engine_unsupported', 'PatchingCache',
-           'patching_cache', 'path_patching', 'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts',
-           'discover_circuit', 'plot_scores']
+__all__ = ['ENGINE_MODEL_TYPES', 'ModelParts', 'model_parts', 'apply_rope', 'EngineUnsupportedError', 'engine_unsupported',
+           'PatchingChunk', 'PatchingCache', 'patching_cache', 'path_patching', 'attribution_patching', 'choose_k',
+           'top_heads', 'discovery_prompts', 'discover_circuit', 'plot_scores']
 
 # %% ../nbs/06_path_patching.ipynb #bc747675
-def model_parts(model):
-    "The pieces of a Llama-family model the engine calls: layout, decoder layers, final norm, rotary, lm_head."
+class ModelParts(NamedTuple):
+    "The pieces of a Llama-family model the engine calls."
+    layout: AttentionLayout        # where the attention modules are, and their sizes
+    layers: torch.nn.ModuleList    # the decoder layers
+    norm: torch.nn.Module          # the final norm
+    rotary: torch.nn.Module        # the rotary embedding: (x, position_ids) -> (cos, sin)
+    lm_head: torch.nn.Module       # the output embedding
+
+
+def model_parts(model) -> ModelParts:
+    "The pieces of a Llama-family `model` that the engine calls (`ModelParts`)."
     lay = attention_layout(model)
     layers = get_module(model, lay.prefix)
     inner = get_module(model, lay.prefix.rsplit(".", 1)[0])  # the LlamaModel that owns layers, norm, rotary_emb
-    return lay, layers, inner.norm, inner.rotary_emb, model.get_output_embeddings()
+    return ModelParts(lay, layers, inner.norm, inner.rotary_emb, model.get_output_embeddings())
 
 
 def _answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -59,7 +68,8 @@ class _Cache:
 
 @torch.no_grad()
 def _clean_cache(model, batch: BoxesBatch) -> _Cache:
-    lay, _, _, rotary, _ = model_parts(model)
+    parts = model_parts(model)
+    lay = parts.layout
     names = {}
     for l in range(lay.n_layers):
         names.update({f"{lay.prefix}.{l}": "resid_pre", f"{lay.prefix}.{l}.post_attention_layernorm": "resid_mid",
@@ -69,7 +79,7 @@ def _clean_cache(model, batch: BoxesBatch) -> _Cache:
     get = lambda kind, attr: [getattr(td[n], attr) for n, k in names.items() if k == kind]
     ar = torch.arange(len(batch), device=logits.device)
     resid_pre = get("resid_pre", "input")
-    cos, sin = rotary(resid_pre[0], batch.position_ids)
+    cos, sin = parts.rotary(resid_pre[0], batch.position_ids)
     return _Cache(resid_pre, get("resid_mid", "input"), get("o", "input"), get("o", "output"), get("k", "output"),
                   get("v", "output"), cos, sin, _answer_prob(logits[ar, batch.last_pos], batch.answer_ids))
 
@@ -95,7 +105,7 @@ def _sender_sweep(parts, cache: _Cache, corrupt_z: list, batch: BoxesBatch, pos:
     head frozen, recomputing only the MLPs at `pos` (the only position a frozen-attention change can reach).
     Returns the answer probability `[S, b]` if `kind` is None, else the receivers' `kind` inputs per layer.
     `parts` is `model_parts(model)`."""
-    lay, layers, norm, _, lm_head = parts
+    lay, layers, norm, lm_head = parts.layout, parts.layers, parts.norm, parts.lm_head
     ar = torch.arange(len(batch), device=pos.device)
     at = lambda x: x[ar, pos]                                   # [b, ...] at each example's sender position
     z = split_heads(at(cache.z[sender_layer]), lay.n_heads).repeat(len(heads), 1, 1, 1)  # [S, b, H, d]
@@ -123,7 +133,7 @@ def _receiver_suffix(parts, cache: _Cache, batch: BoxesBatch, pos: torch.Tensor,
     """Step 2: the clean run with the receivers' `kind` inputs at `pos` replaced by `received` (`[S, b, ...]`),
     everything else free. Nothing before the first receiver layer or before `pos` can change, so this runs only
     the layers from the first receiver on, over positions `pos.min()..T-1`, with cached keys and values before."""
-    lay, layers, norm, _, lm_head = parts
+    lay, layers, norm, lm_head = parts.layout, parts.layers, parts.norm, parts.lm_head
     S, b, T = next(iter(received.values())).shape[0], len(batch), batch.input_ids.shape[1]
     s, l0 = int(pos.min()), min(received)
     rows, local = torch.arange(S * b, device=pos.device), (pos - s).repeat(S)
@@ -177,6 +187,7 @@ def _receivers_by_layer(receivers, sender_layer: int) -> dict[int, list[int]]:
     return out
 
 
+# %% ../nbs/06_path_patching.ipynb #199034a1
 class EngineUnsupportedError(TypeError):
     "The engine re-implements Llama's decoder layer; this model's layer computes something else."
 
@@ -210,6 +221,7 @@ ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 "Model types whose decoder layer the engine reproduces (each checked against the paper's loop in the tests)."
 
 
+# %% ../nbs/06_path_patching.ipynb #e47437a8
 def _validate(model, group: str, receivers, method: str, seq_len: int | None = None):
     if group not in PATHS:
         raise ValueError(f"unknown group {group!r}; choose from {list(PATHS)}.")
@@ -225,18 +237,27 @@ def _validate(model, group: str, receivers, method: str, seq_len: int | None = N
         lay.check(l, h)
     return path, lay
 
+
 # %% ../nbs/06_path_patching.ipynb #152186ee
+class PatchingChunk(NamedTuple):
+    "One chunk of prompts, as path patching reads it (the naive loop reads only the two batches)."
+    clean: BoxesBatch
+    corrupt: BoxesBatch
+    clean_cache: _Cache | None = None   # the clean run's activations (`_clean_cache`)
+    corrupt_z: list | None = None       # per layer, every head's output on the corrupt prompts `[b, T, H * d]`
+
+
 @dataclass
 class PatchingCache:
-    "Per chunk of prompts: the clean and corrupt batches, the clean run's cache, every head's corrupt output."
-    chunks: list
+    "The prompts in chunks, each with the clean run's cache and every head's corrupt output: what the engine reuses."
+    chunks: list[PatchingChunk]
 
 
 @torch.no_grad()
 def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: int = 100) -> PatchingCache:
     "Run the clean and corrupt prompts once; every group's path patching then reuses the result."
     _check_pair(clean, corrupt)
-    return PatchingCache([(c, x, _clean_cache(model, c), [merge_heads(z) for z in capture_heads(model, x, "o")])
+    return PatchingCache([PatchingChunk(c, x, _clean_cache(model, c), [merge_heads(z) for z in capture_heads(model, x, "o")])
                           for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size))])
 
 # %% ../nbs/06_path_patching.ipynb #076d910b
@@ -244,7 +265,7 @@ def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: in
 def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path: GroupPath, receivers) -> torch.Tensor:
     "Relative change of the answer probability, per sender `[L, H, b]`, for one chunk of prompts."
     parts = model_parts(model)
-    lay = parts[0]
+    lay = parts.layout
     pos = path.positions(clean)
     out = torch.zeros(lay.n_layers, lay.n_heads, len(clean), device=pos.device)
     heads = list(range(lay.n_heads))
@@ -316,18 +337,17 @@ def path_patching(
     path, lay = _validate(model, group, receivers, method, clean.input_ids.shape[1])
     if method == "engine" and cache is None:
         cache = patching_cache(model, clean, corrupt, batch_size)
-    chunks = cache.chunks if method == "engine" else list(zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size)))
+    chunks = cache.chunks if method == "engine" else \
+        [PatchingChunk(c, x) for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size))]
     total, n = torch.zeros(lay.n_layers, lay.n_heads), 0
     for chunk in tqdm(chunks, desc=f"path patching {group} ({method})", disable=not progress or progress_disabled(),
                       leave=False):
         if method == "engine":
-            c, _, clean_cache, corrupt_z = chunk
-            scores = _engine_chunk(model, c, clean_cache, corrupt_z, path, receivers)
+            scores = _engine_chunk(model, chunk.clean, chunk.clean_cache, chunk.corrupt_z, path, receivers)
         else:
-            c, x = chunk
-            scores = _naive_chunk(model, c, x, path, receivers)
+            scores = _naive_chunk(model, chunk.clean, chunk.corrupt, path, receivers)
         total += scores.sum(-1).cpu()
-        n += len(c)
+        n += len(chunk.clean)
     return (total / n).numpy()
 
 # %% ../nbs/06_path_patching.ipynb #e4946a26

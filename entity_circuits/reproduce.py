@@ -83,8 +83,9 @@ def step_dcm(zoo: Zoo, root=None) -> dict:
     circuit = need_circuit(root)
     out = {"dcm_base": stored_dcm(base, model, tok, circuit, root, sizes=c.dcm_sizes)}
     models = {r: zoo.load(m)[0] for r, m in zoo.by_role().items()}
-    out["dcm_functionality"] = stored_functionality(models, zoo.by_role().values(), tok, selected_heads(out["dcm_base"]),
-                                                    root, runs=c.fig3_runs, n=c.fig3_n)
+    by_name = {zoo.roles[r]: m for r, m in models.items()}        # Fig. 3's table names its models
+    out["dcm_functionality"] = stored_functionality(by_name, tok, selected_heads(out["dcm_base"]), root,
+                                                    runs=c.fig3_runs, n=c.fig3_n)
     out["dcm_variants"] = stored_variants(base, model, tok, circuit["pos_transmitter"], root, sizes=c.dcm_sizes)
     for role in list(zoo.by_role())[1:]:
         own = find_circuit_stored(zoo, role, root=root)
