@@ -267,6 +267,7 @@ def _code_unit(compute) -> str | None:
     return f"{module}:{outer}" if module.startswith("entity_circuits.") else None
 
 
+# %% ../nbs/00_results.ipynb #2f78066b
 def _fingerprints(params: dict, models: Sequence[str], unit: str | None) -> dict:
     return {"params": _jsonable(params), "models": {m: model_fingerprint(m) for m in models},
             "code_unit": unit, "code": code_fingerprint(unit)}
@@ -300,6 +301,7 @@ def is_current(name: str, params: dict, models: Sequence[str] = (), root: str | 
     return info is not None and all(info.get(k) == v for k, v in _fingerprints(params, models, info.get("code_unit")).items())
 
 
+# %% ../nbs/00_results.ipynb #293c93c6
 def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models: Sequence[str] = (),
            root: str | os.PathLike | None = None) -> pd.DataFrame:
     """The table `results/<name>.csv` if it is current for `params`, `models` and the code; else `compute(**params)`
@@ -331,6 +333,7 @@ def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models
     _atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())   # ... the JSON commits it
     _log.info("%s: computed in %.1f s", name, info["seconds"])
     return pd.read_csv(csv)
+
 
 # %% ../nbs/00_results.ipynb #expmod01
 def _exported_module(fn) -> str | None:
