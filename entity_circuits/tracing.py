@@ -146,6 +146,7 @@ def _first_input(args: tuple, kwargs: dict) -> tuple[str | int, Any]:
     raise ValueError("The traced module was called without any tensor input to retain or edit.")
 
 
+# %% ../nbs/01_tracing.ipynb #1669cd08
 class Trace(contextlib.AbstractContextManager):
     "Hook one module (by object or dotted name) to retain and/or edit its input and output."
 
@@ -319,6 +320,7 @@ class AttentionLayout:
             raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads per layer.")
 
 
+# %% ../nbs/01_tracing.ipynb #f9f1f7fa
 def attention_layout(model: nn.Module) -> AttentionLayout:
     "Find the decoder layers of a Llama-family model (plain, peft-wrapped, ...) and their head sizes."
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
