@@ -55,6 +55,7 @@ def _render(objects: Sequence[str], labels: Sequence[str], query: int):
     return text, tuple(object_spans), tuple(label_spans), query_span
 
 
+# %% ../nbs/02_data.ipynb #c477b49f
 @dataclass(frozen=True)
 class BoxesExample:
     """One boxes prompt: `objects[i]` is in the box labelled `labels[i]`, and the question asks
@@ -316,6 +317,7 @@ class BoxesBatch:
         return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
 
 
+# %% ../nbs/02_data.ipynb #6076ddd3
 def encode(
     examples: Sequence[BoxesExample],
     tokenizer,  # a fast (Rust-backed) Hugging Face tokenizer
