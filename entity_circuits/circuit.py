@@ -17,7 +17,7 @@ from .data import BoxesExample, encode, sample_usable
 from .evaluate import bootstrap_ci, predictions, ratio_ci
 from .models import progress_disabled
 from .groups import GROUPS, Circuit
-from .path_patching import discover_circuit, discovery_prompts
+from .path_patching import apply_rope, discover_circuit, discovery_prompts, model_parts
 from .results import cached, load_result, results_dir
 from .tracing import attention_layout, capture_heads, patch_heads
 from .zoo import TEST_SEED, Zoo
@@ -414,7 +414,6 @@ def head_grids(table: pd.DataFrame, column: str = "score") -> dict[str, np.ndarr
 @torch.no_grad()
 def attention_pattern(model, batch, layer: int, head: int) -> torch.Tensor:
     "Attention weights `[b, T, T]` of one head (queries x keys), computed from its queries and keys with RoPE."
-    from entity_circuits.path_patching import model_parts, apply_rope
     parts = model_parts(model)
     parts.layout.check(layer, head)
     q = capture_heads(model, batch, "q", layers=[layer])[0][:, :, head]

@@ -456,6 +456,7 @@ DESIDERATA: tuple[str, ...] = ("object", "position", "label")
 
 
 def normalize_desideratum(name: str) -> str:
+    "`name` as one of `DESIDERATA` (any case); a ValueError that lists them for anything else."
     key = name.lower() if isinstance(name, str) else name
     if key not in DESIDERATA:
         raise ValueError(f"unknown desideratum {name!r}; choose one of {DESIDERATA}")

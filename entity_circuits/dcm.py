@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import (DESIDERATA, LABELS, DesiderataPair, load_objects, normalize_desideratum, first_token_ids, encode_desiderata,
-                                  make_desiderata, usable_labels, usable_objects)
+from .data import (DESIDERATA, LABELS, DesiderataPair, encode_desiderata, first_token_ids, load_objects,
+                                  make_desiderata, normalize_desideratum, usable_labels, usable_objects)
 from .models import progress_disabled
 from .results import cached
 from .groups import GROUP_LETTERS, GROUPS, PATHS, Circuit
