@@ -23,7 +23,8 @@ _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
 __all__ = ['RESULTS_ENV', 'RECOMPUTE_ENV', 'STORE_MODULE', 'error_of', 'results_dir', 'CodeUnit', 'code_units', 'code_closure',
-           'code_fingerprint', 'model_fingerprint', 'result_info', 'load_result', 'is_current', 'cached', 'save_figure']
+           'code_fingerprint', 'model_fingerprint', 'write_record', 'result_info', 'load_result', 'is_current',
+           'cached', 'save_figure']
 
 # %% ../nbs/00_results.ipynb #errorof1
 def error_of(f, exc=Exception, contains=""):
@@ -239,6 +240,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+def write_record(meta: Path, info: dict) -> None:
+    "Write a table's JSON record `info` to `meta` atomically, in the store's one format (what `cached` and `tools/` write)."
+    _atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+
+
 # %% ../nbs/00_results.ipynb #71ec8c99
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -330,7 +337,7 @@ def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models
     _atomic_write(csv, data)                                  # the CSV first ...
     info = {"name": name, **want, "csv_sha256": hashlib.sha256(data).hexdigest(), "rows": len(table),
             "seconds": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())   # ... the JSON commits it
+    write_record(meta, info)                                  # ... the JSON commits it
     _log.info("%s: computed in %.1f s", name, info["seconds"])
     return pd.read_csv(csv)
 

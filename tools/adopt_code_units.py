@@ -13,7 +13,6 @@ usage: python tools/adopt_code_units.py OLD_COMMIT [reproduce options, e.g. --on
 """
 import ast
 import hashlib
-import json
 import subprocess
 import sys
 import types
@@ -86,7 +85,7 @@ def main(argv: list[str]) -> int:
                 return original(name, compute, params, models, root)
             info = new
             _, meta = results._paths(name, root)
-            results._atomic_write(meta, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+            results.write_record(meta, info)
             adopted.append(name)
         return original(name, compute, params, models, root)
 

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         if info["code"] == results.code_fingerprint(unit, files) and results.code_fingerprint(unit, renamed) == now:
             adopted.append(info["name"])
             if not dry:
-                results._atomic_write(meta, (json.dumps(dict(info, code=now), indent=1, sort_keys=True) + "\n").encode())
+                results.write_record(meta, dict(info, code=now))
         else:
             kept.append(info["name"])
     print(f"{'would adopt' if dry else 'adopted'} {len(adopted)} records: {', '.join(adopted)}")
