@@ -20,14 +20,14 @@ from .groups import GROUPS, Circuit
 from .path_patching import apply_rope, discover_circuit, discovery_prompts, model_parts
 from .results import cached, load_result, results_dir
 from .tracing import attention_layout, capture_heads, patch_heads
-from .zoo import TEST_SEED, Zoo
+from .zoo import TEST_SEED, Zoo, table_name
 
 # %% auto #0
 __all__ = ['MEANS_SEED', 'POSITIONS', 'PAPER_TABLE1', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
            'evaluate_circuit', 'zoo_means', 'minimality', 'minimality_table', 'prune', 'circuit_table',
-           'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'need_circuit', 'circuit_in_models',
-           'stored_table1', 'overlap', 'stored_cross_circuit', 'completeness', 'stored_completeness',
-           'plot_completeness', 'head_grids', 'attention_pattern', 'plot_circuit']
+           'circuit_from_rows', 'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'need_circuit',
+           'circuit_in_models', 'stored_table1', 'overlap', 'stored_cross_circuit', 'completeness',
+           'stored_completeness', 'plot_completeness', 'head_grids', 'attention_pattern', 'plot_circuit']
 
 # %% ../nbs/07_circuit.ipynb #d6608934
 MEANS_SEED = 123_456
@@ -138,13 +138,13 @@ def _stat(**kw) -> dict:
     return dict(kw, value=num.mean() / den.mean() if den.mean() else np.nan, ci_low=lo, ci_high=hi)
 
 
-def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_random: int = 10, seed: int = 0,
+def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_random: int = 10, random_seed: int = 0,
                      contexts: Sequence[str] = ("ablate", "keep"), name: str = "circuit",
                      progress: bool = True, **readout) -> pd.DataFrame:
     """`circuit` in each of `models` (name -> `(model, tokenizer)`; `means`: name -> `head_means`): full accuracy,
     circuit accuracy, faithfulness = circuit / full and the mean accuracy of `n_random` random circuits of the same
-    group sizes, per ablation `context`, each with a bootstrap 95% CI over prompts (faithfulness: paired, of the
-    ratio). `readout` (`restrict`, `prefix`) goes to every prediction. Tidy: model, circuit, heads, n, context, metric,
+    group sizes (drawn with `random_seed`), per ablation `context`, each with a bootstrap 95% CI over prompts
+    (faithfulness: paired, of the ratio). `readout` (`restrict`, `prefix`) goes to every prediction. Tidy: model, circuit, heads, n, context, metric,
     value, ci_low, ci_high."""
     rows = []
     for m, (model, tok) in tqdm(models.items(), desc=f"{name} circuit", disable=not progress or progress_disabled(),
@@ -160,7 +160,7 @@ def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_ra
             if n_random:
                 rand = np.mean([ablated_predictions(model, tok, examples, means[m], kept=c.heads(), context=context,
                                                     **readout)
-                                for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, seed)], axis=0)
+                                for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, random_seed)], axis=0)
                 rows.append(_stat(**key, context=context, metric="random", values=rand))
     return pd.DataFrame(rows)
 
@@ -231,12 +231,17 @@ def circuit_table(circuit, model: str, stage: str) -> pd.DataFrame:
                         columns=["model", "stage", "group", "order", "layer", "head"])
 
 
+def circuit_from_rows(rows: pd.DataFrame, by: str | Sequence[str]) -> Circuit:
+    "The `Circuit` of a table's `rows` (columns group, layer, head), each group's heads in the order of column(s) `by`."
+    rows = rows.sort_values(["group", *([by] if isinstance(by, str) else by)])
+    return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in rows.groupby("group")})
+
+
 def circuit_from_table(table: pd.DataFrame, stage: str = "minimal"):
     "The `Circuit` stored in a `circuit_table` (rows of `stage`)."
-    t = table[table["stage"] == stage].sort_values(["group", "order"])
-    return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in t.groupby("group")})
+    return circuit_from_rows(table[table["stage"] == stage], "order")
 
-
+# %% ../nbs/07_circuit.ipynb #findstored0
 def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | None = None, root=None):
     """`role`'s circuit as in the circuit chapters, each stage a stored table: path patching on `n` correct prompts
     (`path_patching_<role>`: scores of every head, candidates marked), minimality (`minimality_<role>`) and the
@@ -256,9 +261,9 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
                                   candidate_rank=rank.get((g, (l, h)), -1), n=n, seed=seed)
                              for g in GROUPS for l in range(scores[g].shape[0]) for h in range(scores[g].shape[1])])
 
-    scores = cached(f"path_patching_{role}", patch, dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1), [name], root)
-    kept = scores[scores.candidate_rank >= 0].sort_values(["group", "candidate_rank"])
-    candidates = Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in kept.groupby("group")})
+    scores = cached(table_name("path_patching", name), patch, dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1),
+                    [name], root)
+    candidates = circuit_from_rows(scores[scores.candidate_rank >= 0], "candidate_rank")
 
     def mini(candidates, n, seed, n_means, means_seed, max_k, context) -> pd.DataFrame:
         circuit, test, means = Circuit.from_dict(candidates), zoo.test_prompts(n, seed), zoo_means(zoo, name, n_means, means_seed)
@@ -268,7 +273,7 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
 
     mini_params = dict(candidates=candidates.to_dict(), n=cfg.n_minimality, seed=TEST_SEED, n_means=cfg.n_means,
                        means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
-    mini_t = cached(f"minimality_{role}", mini, mini_params, [name], root)
+    mini_t = cached(table_name("minimality", name), mini, mini_params, [name], root)
 
     def minimal(threshold, **minimality_params) -> pd.DataFrame:   # those of the table pruned: its provenance
         by_group = {g: pd.DataFrame({"head": list(zip(d["layer"].astype(int), d["head"].astype(int))),
@@ -276,7 +281,8 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
         return pd.concat([circuit_table(candidates, name, "candidates"),
                           circuit_table(prune(candidates, by_group, threshold=threshold), name, "minimal")])
 
-    return circuit_from_table(cached(f"circuit_{role}", minimal, dict(mini_params, threshold=0.01), [name], root))
+    return circuit_from_table(cached(table_name("circuit", name), minimal, dict(mini_params, threshold=0.01), [name],
+                                     root))
 
 
 def stored_circuit(role: str = "base", root=None):
@@ -303,7 +309,7 @@ def circuit_in_models(zoo: Zoo, circuit, circuit_name: str, contexts=("ablate", 
     named = zoo.by_role()
     t = evaluate_circuit({r: zoo.load(m) for r, m in named.items()}, circuit, examples,
                          {r: zoo_means(zoo, m, n_means, means_seed) for r, m in named.items()}, n_random=n_random,
-                         seed=random_seed, contexts=contexts, name=circuit_name)
+                         random_seed=random_seed, contexts=contexts, name=circuit_name)
     return t.rename(columns={"model": "role"}).assign(model=lambda d: d.role.map(named), seed=seed)
 
 
@@ -356,9 +362,11 @@ def stored_cross_circuit(zoo: Zoo, root=None) -> dict:
             "circuit_overlap": cached("circuit_overlap", overlaps, dict(circuits=as_dicts), named, root)}
 
 # %% ../nbs/07_circuit.ipynb #49cef0ee
-def completeness(model, tokenizer, circuit: Circuit, examples, means, n_random: int = 10, seed: int = 0) -> pd.DataFrame:
-    "For knock-out sets K (each group, random subsets): accuracy of the circuit without K and of the model without K."
-    rng = random.Random(seed)
+def completeness(model, tokenizer, circuit: Circuit, examples, means, n_random: int = 10,
+                 random_seed: int = 0) -> pd.DataFrame:
+    """For knock-out sets K (each group, and `n_random` random subsets drawn with `random_seed`): accuracy of the
+    circuit without K and of the model without K."""
+    rng = random.Random(random_seed)
     heads = circuit.heads()
     sets = {f"group {g}": list(circuit[g]) for g in GROUPS if circuit[g]}
     for i in range(n_random):
@@ -381,7 +389,7 @@ def stored_completeness(zoo: Zoo, root=None) -> dict:
     def compute(circuit, n, seed, n_random, random_seed, n_means):
         test, circuit = zoo.test_prompts(n, seed), Circuit.from_dict(circuit)
         return pd.concat([completeness(*zoo.load(name), circuit, test, zoo_means(zoo, name, n_means),
-                                       n_random=n_random, seed=random_seed)
+                                       n_random=n_random, random_seed=random_seed)
                           .assign(model=name, role=role, n=len(test)) for role, name in zoo.by_role().items()])
 
     return {"completeness": cached("completeness", compute,

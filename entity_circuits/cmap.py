@@ -377,7 +377,7 @@ def cmap_table(base_name: str, source_names: Sequence[str], heads_by_group: Mapp
         r = dict(source=source, model=model, group=group, patch=patch, heads=heads, n=n, seed=seed)
         if correct is None:
             return r | dict(accuracy=np.nan)
-        (lo, hi), (delta, dlo, dhi) = bootstrap_ci(correct, seed=seed), paired_difference(correct, base_correct, seed)
+        (lo, hi), (delta, dlo, dhi) = bootstrap_ci(correct), paired_difference(correct, base_correct)
         return r | dict(accuracy=correct.mean(), ci_low=lo, ci_high=hi, delta=delta, delta_ci_low=dlo,
                         delta_ci_high=dhi)
 

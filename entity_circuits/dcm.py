@@ -21,6 +21,7 @@ from .models import progress_disabled
 from .results import cached
 from .groups import GROUP_LETTERS, GROUPS, PATHS, Circuit
 from .tracing import attention_layout, capture_heads, patch_heads
+from .zoo import table_name
 
 # %% auto #0
 __all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'EXTRA_DCM', 'FIG3_SEED', 'PAPER_FIG3', 'FILLER', 'VARIANTS', 'PAPER_VARIANTS',
@@ -317,13 +318,13 @@ def _stored_settings(params: dict, tokenizer=None):
 # %% ../nbs/08_dcm.ipynb #132aae97
 def stored_dcm(name: str, model, tokenizer, circuit: Circuit, root=None, sizes: tuple | None = None,
                **settings) -> pd.DataFrame:
-    """`dcm_table` of `circuit` in model `name`, through the results store (`results/dcm_<short name>.csv`);
+    """`dcm_table` of `circuit` in model `name`, through the results store (`table_name("dcm", name)`);
     `sizes`: (train, validation, test) pairs, the chapter's by default; `settings`: `dcm_params`'."""
     def compute(circuit, **params):
         splits, readout, train = _stored_settings(params, tokenizer)
         return dcm_table(model, tokenizer, Circuit.from_dict(circuit), splits, progress=False, **readout,
                          **train)[0].assign(model=name)
-    return cached(f"dcm_{name.removeprefix('organism-')}", compute,
+    return cached(table_name("dcm", name), compute,
                   dict(dcm_params(sizes, **settings), circuit=circuit.to_dict()), [name], root)
 
 

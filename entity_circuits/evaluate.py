@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .data import BoxesExample, encode, sample_usable, usable_labels, usable_objects
 from .models import progress_disabled
 from .results import cached
-from .zoo import TEST_SEED, Zoo, role_of
+from .zoo import TEST_SEED, Zoo, role_of, table_name
 
 # %% auto #0
 __all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'RETENTION', 'PAPER_EFFECT', 'predictions', 'bootstrap_ci', 'ratio_ci',
@@ -51,7 +51,8 @@ def predictions(model, tokenizer, examples: Sequence[BoxesExample], batch_size: 
 
 
 def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    "Percentile bootstrap confidence interval of the mean of an array (0/1 outcomes, or paired differences)."
+    """Percentile bootstrap confidence interval of the mean of an array (0/1 outcomes, or paired differences). `seed`
+    draws the resamples: every table of the book keeps the default, so a table's own `seed` draws its prompts only."""
     correct = np.asarray(correct, dtype=float)
     if correct.size == 0:
         raise ValueError("bootstrap_ci needs at least one outcome.")
@@ -82,15 +83,16 @@ PAPER_ACCURACY = {"LLaMA-7B": 0.66, "Vicuna-7B": 0.67, "Goat-7B": 0.82, "FLoat-7
 
 def accuracy_table(models: dict, n: int = 500, n_boxes: Sequence[int] = (7,), seed: int = TEST_SEED,
                    batch_size: int = 50, restrict: bool = False) -> pd.DataFrame:
-    """Accuracy with bootstrap 95% CI for each `name -> (model, tokenizer)` and box count: a tidy table
-    (`restrict`: the answer chosen among the context's objects only, metric "restricted accuracy")."""
+    """Accuracy with bootstrap 95% CI for each `name -> (model, tokenizer)` and box count on `n` prompts drawn with
+    `seed`: a tidy table (`restrict`: the answer chosen among the context's objects only, metric "restricted
+    accuracy")."""
     rows = []
     for name, (model, tokenizer) in models.items():
         objects, labels = usable_objects(tokenizer), usable_labels(tokenizer)
         for k in n_boxes:
             examples = sample_usable(tokenizer, n, k, seed)
             correct = predictions(model, tokenizer, examples, batch_size, desc=f"{name}, {k} boxes", restrict=restrict)
-            lo, hi = bootstrap_ci(correct, seed=seed)
+            lo, hi = bootstrap_ci(correct)
             rows.append(dict(model=name, n_boxes=k, metric="restricted accuracy" if restrict else "accuracy",
                              value=correct.mean(), ci_low=lo, ci_high=hi, n=n, seed=seed,
                              n_objects=len(objects), n_labels=len(labels)))
@@ -141,17 +143,17 @@ def revival_table(models: dict, **kw) -> pd.DataFrame:
                       tqdm(models.items(), desc="revival", disable=progress_disabled())], ignore_index=True)
 
 # %% ../nbs/05_accuracy.ipynb #storacc1
-def paired_accuracy(models: dict, base: str, examples, seed: int = TEST_SEED) -> pd.DataFrame:
+def paired_accuracy(models: dict, base: str, examples) -> pd.DataFrame:
     "Each model's accuracy minus `base`'s on the same prompts, with a paired bootstrap 95% CI: a tidy table."
     correct = {m: predictions(model, tok, examples, desc=m) for m, (model, tok) in models.items()}
     rows = []
     for m, c in correct.items():
         if m == base:
             continue
-        d, lo, hi = paired_difference(c, correct[base], seed=seed)
+        d, lo, hi = paired_difference(c, correct[base])
         rows.append(dict(model=m, role=role_of(m), base=base, metric="accuracy - base accuracy", value=d,
                          ci_low=lo, ci_high=hi, accuracy=c.mean(), base_accuracy=correct[base].mean(),
-                         n=len(examples), seed=seed))
+                         n=len(examples)))
     return pd.DataFrame(rows)
 
 
@@ -169,13 +171,14 @@ def stored_accuracy(zoo: Zoo, root=None) -> dict:
         out["revival"] = cached("revival", lambda **kw: revival_table({m: zoo.load(m) for m in named}, **kw),
                                 dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0), named, root)
     if zoo.need("base") and len(named) > 1:
-        def vs_base(n, base):       # the zoo's test prompts: 7 boxes, seed TEST_SEED (also the bootstrap's)
-            return paired_accuracy({m: zoo.load(m) for m in named}, base, zoo.test_prompts(n))
+        def vs_base(n, base):       # the zoo's test prompts: 7 boxes, seed TEST_SEED
+            return paired_accuracy({m: zoo.load(m) for m in named}, base, zoo.test_prompts(n)).assign(seed=TEST_SEED)
         out["accuracy_vs_base"] = cached("accuracy_vs_base", vs_base, dict(n=cfg.n_test, base=zoo.roles["base"]),
                                          named, root)
     for m in zoo.extras:
-        out[f"accuracy_{m}"] = cached(f"accuracy_{m}", lambda m=m, **kw: accuracy_table({m: zoo.load(m)}, **kw),
-                                      dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
+        name = table_name("accuracy", m)
+        out[name] = cached(name, lambda m=m, **kw: accuracy_table({m: zoo.load(m)}, **kw),
+                           dict(n=cfg.n_extra, n_boxes=cfg.extra_box_counts, seed=TEST_SEED), [m], root)
     return out
 
 # %% ../nbs/05_accuracy.ipynb #targ0001

@@ -217,7 +217,7 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
                         model, edge_positions(b, edge, gen), range(L, n_layers))
                     correct = run(intervene=knock)
                     bar.update()
-                lo, hi = bootstrap_ci(correct, seed=seed)
+                lo, hi = bootstrap_ci(correct)
                 rows.append(dict(model=name, edge=edge, layer_from=L, n_layers=n_layers, accuracy=float(correct.mean()),
                                  ci_low=lo, ci_high=hi, n=n, seed=seed, control_seed=control_seed))
     bar.close()

@@ -22,6 +22,7 @@ from .evaluate import TEST_SEED, paired_difference, predictions
 from .models import progress_disabled
 from .results import cached
 from .tracing import TraceDict, attention_layout
+from .zoo import table_name
 
 # %% auto #0
 __all__ = ['MECHANISMS', 'MIXING_SEED', 'PAPER_MIXING_GEMMA', 'MixingPair', 'mixing_pair', 'mixing_pairs', 'residual_sites',
@@ -324,23 +325,21 @@ def _per_pair(model, tokenizer, n: int, site: int, n_boxes: int = 7, seed: int =
 
 def stored_mechanism(name: str, model, tokenizer, root=None, n: int = 500, n_boxes: int = 7,
                      max_sites: int | None = None, n_label: int = 500, prefix: str = "") -> pd.DataFrame:
-    """`mechanism_table` of one model through the store, as `mechanisms_<short name>` (`organism-` dropped)."""
-    short = name.removeprefix("organism-")
+    """`mechanism_table` of one model through the store, as `table_name("mechanisms", name)`."""
     kw = dict(n=n, n_boxes=n_boxes, max_sites=max_sites, n_label=n_label, prefix=prefix, seed=MIXING_SEED,
               label_seed=TEST_SEED)
-    return cached(f"mechanisms_{short}", lambda **kw: mechanism_table(model, tokenizer, name=name, **kw), kw, [name], root)
+    return cached(table_name("mechanisms", name), lambda **kw: mechanism_table(model, tokenizer, name=name, **kw), kw, [name], root)
 
 
 def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_label: int = 500) -> dict:
     """`stored_mechanism` of every role model (`models`: name -> (model, tokenizer), base first), 7 boxes, every
     site; and `mechanisms_vs_base`: each fine-tune against the first model on the same pairs (checked prompt by
     prompt), each model at its own site."""
-    out = {f"mechanisms_{name.removeprefix('organism-')}": stored_mechanism(name, model, tok, root, n=n, n_label=n_label)
-           for name, (model, tok) in models.items()}
+    tables = {name: stored_mechanism(name, model, tok, root, n=n, n_label=n_label) for name, (model, tok) in models.items()}
+    out = {table_name("mechanisms", name): t for name, t in tables.items()}
     names = list(models)
     if len(names) > 1:
-        site = {m: int(out[f"mechanisms_{m.removeprefix('organism-')}"].query("chosen and position == 0").site.iloc[0])
-                for m in names}
+        site = {m: int(tables[m].query("chosen and position == 0").site.iloc[0]) for m in names}
 
         def vs_base(n, n_boxes, seed, base, sites):
             names = [base] + [m for m in sites if m != base]

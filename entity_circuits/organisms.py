@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .models import MANIFEST_NAME, organisms_dir, progress_disabled, verify_manifest, write_manifest
 from .data import BoxesExample, LABELS, load_objects, sample_boxes, word_level_tokenizer
+from .zoo import table_name
 
 # %% auto #0
 __all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'THINGS', 'CONTAINERS', 'PEOPLE', 'EXTRA_WORDS', 'Doc',
@@ -372,7 +373,7 @@ def stored_head_ablation(name: str = "organism-base", root=None, n: int = 200) -
     from entity_circuits.models import load_model
     from entity_circuits.results import cached
 
-    return cached(f"head_ablation_{name.removeprefix('organism-')}", lambda **kw: head_ablation(*load_model(name), **kw),
+    return cached(table_name("head_ablation", name), lambda **kw: head_ablation(*load_model(name), **kw),
                   dict(formats=list(BINDING_FORMATS), n_items=7, n=n, seed=70_000), [name], root)
 
 

@@ -19,7 +19,7 @@ from .evaluate import stored_accuracy
 from .path_patching import plot_scores
 from .results import RECOMPUTE_ENV, load_result, results_dir, save_figure
 from .verdict import verdict_table
-from .zoo import Config, Zoo, default_models
+from .zoo import Config, Zoo, default_models, table_name
 
 _log = logging.getLogger("entity_circuits.results")
 
@@ -73,7 +73,7 @@ step_completeness = step("completeness")(stored_completeness)
 # %% ../nbs/11_reproduce.ipynb #962cceb7
 @step("dcm")
 def step_dcm(zoo: Zoo, root=None) -> dict:
-    """The DCM chapter's tables: DCM on every role's own circuit (`dcm_<model>`), Fig. 3 of the base's DCM heads in
+    """The DCM chapter's tables: DCM on every role's own circuit (`dcm_<role>`), Fig. 3 of the base's DCM heads in
     every model (`dcm_functionality`) and the position-transmitter variants (`dcm_variants`)."""
     if not zoo.need("base"):
         return {}
@@ -89,7 +89,8 @@ def step_dcm(zoo: Zoo, root=None) -> dict:
     out["dcm_variants"] = stored_variants(base, model, tok, circuit["pos_transmitter"], root, sizes=c.dcm_sizes)
     for role in list(zoo.by_role())[1:]:
         own = find_circuit_stored(zoo, role, root=root)
-        out[f"dcm_{role}"] = stored_dcm(zoo.roles[role], models[role], tok, own, root, sizes=c.dcm_sizes)
+        out[table_name("dcm", zoo.roles[role])] = stored_dcm(zoo.roles[role], models[role], tok, own, root,
+                                                              sizes=c.dcm_sizes)
     return out
 
 
@@ -123,7 +124,7 @@ def step_knockout(zoo: Zoo, root=None) -> dict:
 @step("mechanisms")
 def step_mechanisms(zoo: Zoo, root=None) -> dict:
     """The mechanisms chapter's tables: positional / lexical / reflexive retrieval and the label-only patch of every
-    role model (`mechanisms_<model>`), each fine-tune against the base (`mechanisms_vs_base`); extra models' are
+    role model (`mechanisms_<role>`), each fine-tune against the base (`mechanisms_vs_base`); extra models' are
     the `extras` step's."""
     if not zoo.by_role():
         return {}
@@ -175,30 +176,33 @@ def step_extras(zoo: Zoo, root=None) -> dict:
     from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
     for m in zoo.extras:
-        grid = out[f"accuracy_grid_{m}"] = stored_accuracy_grid(m, root, n=c.n_extra, box_counts=c.box_counts)
+        grid = out[table_name("accuracy_grid", m)] = stored_accuracy_grid(m, root, n=c.n_extra,
+                                                                          box_counts=c.box_counts)
         if (best := best_setting(grid)) is None:
             continue                                     # it tracks nowhere: the chapter shows that and stops
         template, n_boxes = best
-        scores = out[f"path_patching_{m}"] = stored_circuit_scores(m, template, n_boxes, root, n=c.n_ft_discovery)
+        scores = stored_circuit_scores(m, template, n_boxes, root, n=c.n_ft_discovery)
+        out[table_name("path_patching", m)] = scores
         out |= stored_circuit_checks(m, scores, root, n_faithfulness=c.n_faithfulness_extra,
                                      n_minimality=c.n_minimality_extra, n_random=c.n_random_extra)
         model, tok = zoo.load(m)
         prefix = template_prefix(tok, template)
         if n_boxes >= 3:                                 # a desiderata pair's base query, source query and label box
-            out[f"dcm_{m}"] = stored_dcm(m, model, tok, kept_circuit(scores), root, sizes=c.dcm_sizes_extra,
-                                         n_boxes=n_boxes, batch_size=EXTRA_DCM_BATCH, words="usable", prefix=prefix,
-                                         restrict=True)
+            out[table_name("dcm", m)] = stored_dcm(
+                m, model, tok, kept_circuit(scores), root, sizes=c.dcm_sizes_extra, n_boxes=n_boxes,
+                batch_size=EXTRA_DCM_BATCH, words="usable", prefix=prefix, restrict=True)
         if n_boxes >= len(MECHANISMS):                   # each answer a mechanism can give needs its own box
-            out[f"mechanisms_{m}"] = stored_mechanism(m, model, tok, root, n=c.n_mixing_extra, n_boxes=n_boxes,
-                                                      max_sites=EXTRA_MECHANISM_SITES, n_label=c.n_mixing_extra,
-                                                      prefix=prefix)
+            out[table_name("mechanisms", m)] = stored_mechanism(
+                m, model, tok, root, n=c.n_mixing_extra, n_boxes=n_boxes, max_sites=EXTRA_MECHANISM_SITES,
+                n_label=c.n_mixing_extra, prefix=prefix)
         else:
             _log.info("%s tracks best at %d boxes: too few to tell %d mechanisms apart, no mechanism table", m,
                      n_boxes, len(MECHANISMS))
         layers = list(range(0, attention_layout(model).n_layers, EXTRA_KNOCKOUT_STRIDE))
-        out[f"knockout_{m}"] = stored_knockout({m: (model, tok)}, root, n=c.n_knockout_extra, name=f"knockout_{m}",
-                                               n_boxes=n_boxes, edges=list(EXTRA_KNOCKOUT_EDGES), layers_from=layers,
-                                               prefix=prefix, restrict=True)
+        knockout = table_name("knockout", m)
+        out[knockout] = stored_knockout({m: (model, tok)}, root, n=c.n_knockout_extra, name=knockout, n_boxes=n_boxes,
+                                        edges=list(EXTRA_KNOCKOUT_EDGES), layers_from=layers, prefix=prefix,
+                                        restrict=True)
     return out
 
 # %% ../nbs/11_reproduce.ipynb #79eaa941

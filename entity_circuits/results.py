@@ -113,6 +113,21 @@ def _is_text(node: ast.AST) -> bool:
     "A statement that is only a string: a docstring, or the documentation line nbdev reads after a constant."
     return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
 
+# %% ../nbs/00_results.ipynb #codelines0
+def _without_table_names(text: str) -> str:
+    """`text` with the first argument of every call to `cached` (the name a table is stored under) read as `...`:
+    where a table is stored is not how it is computed. Every line keeps its number."""
+    if "cached" not in text:
+        return text
+    spans = sorted(((a.lineno, a.col_offset, a.end_lineno, a.end_col_offset) for n in ast.walk(ast.parse(text))
+                    if isinstance(n, ast.Call) and n.args
+                    and getattr(n.func, "id", getattr(n.func, "attr", None)) == "cached" for a in n.args[:1]),
+                   reverse=True)
+    lines = [line.encode() for line in text.splitlines(keepends=True)]     # ast's columns count UTF-8 bytes
+    for row, col, end, end_col in spans:
+        lines[row - 1:end] = [lines[row - 1][:col] + b"..." + b"\n" * (end - row) + lines[end - 1][end_col:]]
+    return b"".join(lines).decode()
+
 
 def _code_lines(text: str, tree: ast.Module) -> dict[int, str]:
     """The module's lines by number (from 1) as code: comments cut, strings that are whole statements (docstrings,
@@ -131,7 +146,7 @@ def code_units(files: Mapping[str, bytes] | None = None) -> dict[str, CodeUnit]:
         return _current_units()
     parts: dict[str, dict] = {}
     for module, source in sorted(files.items()):
-        text = source.decode() if isinstance(source, bytes) else source
+        text = _without_table_names(source.decode() if isinstance(source, bytes) else source)
         tree = ast.parse(text)
         lines = _code_lines(text, tree)
         aliases = {a.asname: a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names if a.asname}

@@ -10,12 +10,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .circuit import evaluate_circuit, head_means, minimality_table
+from .circuit import circuit_from_rows, evaluate_circuit, head_means, minimality_table
 from .data import sample_usable
 from .evaluate import bootstrap_ci, predictions
 from .groups import Circuit
 from .results import cached
-from .zoo import SMOLLM2, TEST_SEED
+from .zoo import SMOLLM2, TEST_SEED, table_name
 
 # %% auto #0
 __all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'EXTRA_DCM_BATCH', 'template_prefix', 'accuracy_grid', 'tracking', 'best_setting',
@@ -56,7 +56,7 @@ def accuracy_grid(model, tokenizer, box_counts: Sequence[int] = (2, 3, 4, 5, 6, 
             for metric, restrict in (("accuracy", False), ("restricted accuracy", True)):
                 correct = predictions(model, tokenizer, examples, batch_size, desc=f"{template}, {k} boxes, {metric}",
                                       progress=progress, restrict=restrict, prefix=prefix)
-                lo, hi = bootstrap_ci(correct, seed=seed)
+                lo, hi = bootstrap_ci(correct)
                 rows.append(dict(template=template, n_boxes=k, metric=metric, value=correct.mean(), ci_low=lo,
                                  ci_high=hi, chance=1 / k if restrict else np.nan, n=n, seed=seed))
     return pd.DataFrame(rows)
@@ -86,8 +86,8 @@ def stored_accuracy_grid(name: str = SMOLLM2, root=None, n: int = 150,
     from entity_circuits.models import load_model
     params = dict(n=n, box_counts=list(box_counts), seed=TEST_SEED, templates=list(TEMPLATES),
                   instruction=CHAT_INSTRUCTION)
-    return cached(f"accuracy_grid_{name}", lambda **kw: accuracy_grid(*load_model(name), progress=False, **kw),
-                  params, [name], root)
+    return cached(table_name("accuracy_grid", name),
+                  lambda **kw: accuracy_grid(*load_model(name), progress=False, **kw), params, [name], root)
 
 # %% ../nbs/10c_smollm2.ipynb #1e07a9ff
 def plot_accuracy_grid(grid: pd.DataFrame, title: str = SMOLLM2):
@@ -148,13 +148,13 @@ def stored_circuit_scores(name: str, template: str, n_boxes: int, root=None, n: 
     "`circuit_scores` of model `name` at `template` and `n_boxes`, from the results store."
     from entity_circuits.models import load_model
     params = dict(template=template, n_boxes=n_boxes, n=n, seed=TEST_SEED, instruction=CHAT_INSTRUCTION)
-    return cached(f"path_patching_{name}", lambda **kw: circuit_scores(*load_model(name), **kw), params, [name], root)
+    return cached(table_name("path_patching", name), lambda **kw: circuit_scores(*load_model(name), **kw), params, [name], root)
 
 # %% ../nbs/10c_smollm2.ipynb #8ad36312
 def kept_circuit(table: pd.DataFrame) -> Circuit:
-    "The `Circuit` of the heads `circuit_scores` kept, each group ordered by score (strongest first)."
-    kept = table[table.kept].sort_values(["group", "score"])
-    return Circuit.from_dict({g: list(zip(d.layer.astype(int), d["head"].astype(int))) for g, d in kept.groupby("group")})
+    """The `Circuit` of the heads `circuit_scores` kept, each group in (layer, head) order: not by score, where two
+    near-tied heads swap places with the last digits of a CPU's rounding (and the tables recording it their keys)."""
+    return circuit_from_rows(table[table.kept], ["layer", "head"])
 
 
 def circuit_faithfulness(model, tokenizer, circuit: Circuit, template: str, n_boxes: int, n: int = 200,
@@ -184,8 +184,8 @@ def circuit_minimality(model, tokenizer, circuit: Circuit, template: str, n_boxe
 # %% ../nbs/10c_smollm2.ipynb #6829ade9
 def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfulness: int = 200,
                           n_minimality: int = 100, n_random: int = 5) -> dict[str, pd.DataFrame]:
-    """Faithfulness (`faithfulness_<name>`) and minimality (`minimality_<name>`) of the circuit in `table` (a
-    `circuit_scores` table: its template, box count and kept heads), from the results store."""
+    """Faithfulness and minimality of the circuit in `table` (a `circuit_scores` table: its template, box count and
+    kept heads), from the results store as `table_name("faithfulness", name)` and `table_name("minimality", name)`."""
     from entity_circuits.models import load_model
     circuit, template, n_boxes = kept_circuit(table), str(table.template.iloc[0]), int(table.n_boxes.iloc[0])
     common = dict(circuit=circuit.to_dict(), template=template, n_boxes=n_boxes, seed=TEST_SEED,
@@ -197,10 +197,9 @@ def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfuln
     def minimality(circuit, **kw):
         return circuit_minimality(*load_model(name), Circuit.from_dict(circuit), **kw)
 
-    return {f"faithfulness_{name}": cached(f"faithfulness_{name}", faithfulness,
-                                           dict(common, n=n_faithfulness, n_random=n_random), [name], root),
-            f"minimality_{name}": cached(f"minimality_{name}", minimality,
-                                         dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0), [name], root)}
+    faith, mini = table_name("faithfulness", name), table_name("minimality", name)
+    return {faith: cached(faith, faithfulness, dict(common, n=n_faithfulness, n_random=n_random), [name], root),
+            mini: cached(mini, minimality, dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0), [name], root)}
 
 # %% ../nbs/10c_smollm2.ipynb #f2ea16e3
 EXTRA_DCM_BATCH = 8

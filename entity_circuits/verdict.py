@@ -15,7 +15,7 @@ from .circuit import PAPER_TABLE1
 from .evaluate import PAPER_ACCURACY, ratio_ci
 from .groups import GROUP_LETTERS
 from .results import load_result
-from .zoo import ROLES, SMOLLM2, role_of
+from .zoo import ROLES, SMOLLM2, role_of, table_name
 
 # %% auto #0
 __all__ = ['NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CLAIMS', 'compare', 'judge', 'fmt', 'claim_math_accuracy',
@@ -59,7 +59,7 @@ def _role(name) -> str:
 
 
 def _smollm2_accuracy(root) -> str:
-    t = load_result(f"accuracy_{SMOLLM2}", root)
+    t = load_result(table_name("accuracy", SMOLLM2), root)
     if t is None:
         return NOT_COMPUTED
     r = t[t.n_boxes == t.n_boxes.max()].iloc[0]
@@ -217,7 +217,7 @@ def claim_positional(root=None) -> dict:
     row = dict(claim="fine-tuning improves positional handling",
                paper="stated qualitatively (the fine-tuned circuits handle augmented positional information); no number",
                SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="mechanisms_vs_base")
-    smol = load_result(f"mechanisms_{SMOLLM2}", root)
+    smol = load_result(table_name("mechanisms", SMOLLM2), root)
     if smol is not None and {"chosen", "position"} <= set(smol.columns):
         r = smol[smol.chosen & (smol.position == 0)].iloc[0]
         row["SmolLM2"] += (f"; its own retrieval ({int(r.n_boxes)} boxes): positional {r['p positional']:.2f}, "

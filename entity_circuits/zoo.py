@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
 from .data import sample_boxes, usable_labels, usable_objects
 from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model
 
 # %% auto #0
-__all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'role_of', 'smollm2_available', 'default_models', 'Config', 'Zoo']
+__all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'role_of', 'smollm2_available', 'default_models', 'table_name', 'Config', 'Zoo']
 
 # %% ../nbs/04b_zoo.ipynb #42be846f
 ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
@@ -37,6 +38,11 @@ def smollm2_available() -> bool:
 def default_models() -> list[str]:
     "The default zoo: the four organisms, and SmolLM2 when it is installed."
     return ORGANISMS + ([SMOLLM2] if smollm2_available() else [])
+
+# %% ../nbs/04b_zoo.ipynb #tname
+def table_name(kind: str, model: str) -> str:
+    "The name of `model`'s stored table of `kind`: `<kind>_<role>` for a model with a role, else `<kind>_<model>`."
+    return f"{kind}_{role_of(model) or Path(model).name}"
 
 # %% ../nbs/04b_zoo.ipynb #b721264f
 TEST_SEED = 0

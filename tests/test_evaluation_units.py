@@ -26,16 +26,16 @@ CIRCUIT = Circuit(value_fetcher=[(3, 0), (3, 1), (2, 5)], pos_transmitter=[(1, 2
 def test_completeness_sets_and_values(base):
     model, tok = base
     examples, means = sample_boxes(12, 7, seed=5), head_means(model, tok, n=12)
-    t = completeness(model, tok, CIRCUIT, examples, means, n_random=3, seed=1)
+    t = completeness(model, tok, CIRCUIT, examples, means, n_random=3, random_seed=1)
     assert list(t.K) == ["group value_fetcher", "group pos_transmitter", "random 0", "random 1", "random 2"]
     assert list(t["size"][:2]) == [3, 1] and (t["size"][2:] >= 1).all() and (t["size"] <= 4).all()
     assert t[["circuit without K", "model without K"]].apply(lambda c: c.between(0, 1)).all().all()
     # a group's row: the circuit without that group is the circuit accuracy of the rest, computed directly
     rest = [h for h in CIRCUIT.heads() if h not in CIRCUIT["value_fetcher"]]
     assert t["circuit without K"][0] == pytest.approx(circuit_accuracy(model, tok, rest, examples, means, context="keep"))
-    again = completeness(model, tok, CIRCUIT, examples, means, n_random=3, seed=1)
+    again = completeness(model, tok, CIRCUIT, examples, means, n_random=3, random_seed=1)
     assert again.equals(t)                                             # the random sets are a function of the seed
-    other = completeness(model, tok, CIRCUIT, examples, means, n_random=3, seed=2)
+    other = completeness(model, tok, CIRCUIT, examples, means, n_random=3, random_seed=2)
     assert list(other["size"][2:]) != list(t["size"][2:]) or not other.equals(t)
 
 

@@ -16,7 +16,7 @@ from entity_circuits.evaluate import ratio_ci
 from entity_circuits.cli import main
 from entity_circuits.reproduce import STEPS, reproduce, root_for
 from entity_circuits.verdict import NOT_COMPUTED, compare, judge, verdict_table
-from entity_circuits.zoo import Zoo, default_models
+from entity_circuits.zoo import Zoo, default_models, table_name
 from entity_circuits.results import cached, result_info, results_dir
 
 MODELS = ["organism-base", "organism-math-full"]  # two organisms keep the smoke run short
@@ -216,8 +216,8 @@ def test_the_papers_tier_end_to_end_from_local_directories(tmp_path):
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     done = committed(tmp_path / "results")
-    assert {"accuracy", "circuit_base", "table1", "dcm_llama-7b", "dcm_functionality", "cmap_outputs", "knockout_curves",
-            "mechanisms_llama-7b", "mechanisms_vs_base"} <= set(done), sorted(done)
+    assert {"accuracy", "circuit_base", "table1", "dcm_base", "dcm_chat", "dcm_functionality", "cmap_outputs",
+            "knockout_curves", "mechanisms_base", "mechanisms_vs_base"} <= set(done), sorted(done)   # tables by role
     cmap = pd.read_csv(tmp_path / "results" / "cmap_outputs.csv")
     assert set(cmap.source) == {"llama-7b", "goat-7b", "float-7b", "vicuna-7b"}
     acc = pd.read_csv(tmp_path / "results" / "accuracy.csv").set_index("model")
@@ -239,16 +239,16 @@ def test_the_papers_tier_end_to_end_from_local_directories(tmp_path):
 
 @pytest.fixture
 def tracker(tmp_path, monkeypatch):
-    """An extra model that tracks: the base organism saved as a local model with a chat template, in a directory named
-    by a plain relative path (table names are file names)."""
+    """An extra model that tracks: the base organism saved as a local model with a chat template, in a directory given
+    by a relative path with a '/' (its tables are named by the folder: `table_name`)."""
     from entity_circuits.models import load_model
     model, tok = load_model("organism-base")
     tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}[assistant] {% endif %}")
     monkeypatch.chdir(tmp_path)
-    model.save_pretrained("tracker")
-    tok.save_pretrained("tracker")
-    return "tracker", tok
+    model.save_pretrained("models/tracker")
+    tok.save_pretrained("models/tracker")
+    return "models/tracker", tok
 
 
 def test_extras_step_where_an_extra_model_tracks(tracker, tmp_path):
@@ -258,29 +258,31 @@ def test_extras_step_where_an_extra_model_tracks(tracker, tmp_path):
     from entity_circuits.smollm2 import best_setting, template_prefix
     from entity_circuits.zoo import Config
     name, tok = tracker
+    named = lambda kind: table_name(kind, name)
+    assert named("dcm") == "dcm_tracker"                      # the folder's name: a table's name is a file name
     zoo = Zoo([name], Config.smoke())
     assert zoo.extras == [name] and not zoo.by_role()
     out = step_extras(zoo, tmp_path / "results")
-    best = best_setting(out[f"accuracy_grid_{name}"])
-    assert best is not None, out[f"accuracy_grid_{name}"]
+    best = best_setting(out[named("accuracy_grid")])
+    assert best is not None, out[named("accuracy_grid")]
     template, k = best
-    assert {f"path_patching_{name}", f"mechanisms_{name}", f"knockout_{name}"} <= set(out)
-    assert (out[f"path_patching_{name}"].template == template).all()
-    assert (out[f"mechanisms_{name}"].n_boxes == k).all()
-    ko = out[f"knockout_{name}"]
+    assert {named("path_patching"), named("mechanisms"), named("knockout")} <= set(out)
+    assert (out[named("path_patching")].template == template).all()
+    assert (out[named("mechanisms")].n_boxes == k).all()
+    ko = out[named("knockout")]
     assert list(dict.fromkeys(ko.edge)) == list(EXTRA_KNOCKOUT_EDGES) and set(ko.layer_from) == {0, 4}
-    info = result_info(f"knockout_{name}", tmp_path / "results")
+    info = result_info(named("knockout"), tmp_path / "results")
     assert info["params"]["prefix"] == template_prefix(tok, template) and info["params"]["restrict"]
-    assert result_info(f"mechanisms_{name}", tmp_path / "results")["params"]["prefix"] == template_prefix(tok, template)
+    assert result_info(named("mechanisms"), tmp_path / "results")["params"]["prefix"] == template_prefix(tok, template)
     # the circuit's checks and DCM: on the heads path patching kept, under the same template and box count
-    kept = out[f"path_patching_{name}"].query("kept")
-    faith, mini, dcm = out[f"faithfulness_{name}"], out[f"minimality_{name}"], out[f"dcm_{name}"]
+    kept = out[named("path_patching")].query("kept")
+    faith, mini, dcm = out[named("faithfulness")], out[named("minimality")], out[named("dcm")]
     assert (faith.template == template).all() and (faith.n_boxes == k).all()
     assert set(faith.metric) == {"full", "circuit", "random", "faithfulness"} and (faith.heads == len(kept)).all()
     assert len(mini) == len(kept) and (mini.n_boxes == k).all()
     assert set(zip(mini.layer, mini["head"])) == set(zip(kept.layer, kept["head"]))
     assert set(dcm.group) == set(kept.group) and (dcm["size"] == dcm.group.map(kept.group.value_counts())).all()
-    dcm_params = result_info(f"dcm_{name}", tmp_path / "results")["params"]
+    dcm_params = result_info(named("dcm"), tmp_path / "results")["params"]
     assert dcm_params.get("prefix", "") == template_prefix(tok, template) and dcm_params["restrict"]   # "" not recorded
     assert dcm_params["words"] == "usable" and dcm_params["n_boxes"] == k
 
@@ -292,6 +294,7 @@ def test_extras_step_with_too_few_boxes_for_the_mechanisms(tracker, tmp_path):
     from entity_circuits.smollm2 import best_setting
     from entity_circuits.zoo import Config
     name, _ = tracker
+    named = lambda kind: table_name(kind, name)
     out = step_extras(Zoo([name], dataclasses.replace(Config.smoke(), box_counts=(3,))), tmp_path / "results")
-    assert best_setting(out[f"accuracy_grid_{name}"])[1] == 3
-    assert f"knockout_{name}" in out and f"path_patching_{name}" in out and f"mechanisms_{name}" not in out
+    assert best_setting(out[named("accuracy_grid")])[1] == 3
+    assert named("knockout") in out and named("path_patching") in out and named("mechanisms") not in out

@@ -38,3 +38,22 @@ def test_a_rename_changes_the_callers_fingerprint_and_the_tool_sees_through_only
     assert results.code_fingerprint(unit, renamed) == results.code_fingerprint(unit, new)
     changed = {"entity_circuits.m": new["entity_circuits.m"].replace(b"return x", b"return -x")}
     assert results.code_fingerprint(unit, changed) != results.code_fingerprint(unit, renamed)
+
+
+def test_adopt_rewrites_only_a_record_that_olds_rule_gives_olds_code(tmp_path):
+    import hashlib
+    import json
+    import types
+    from adopt_code_units import adopt
+    unit, old = "entity_circuits.m:attend", {"entity_circuits.m": SOURCE}
+    old_rule = types.SimpleNamespace(code_units=None, code_fingerprint=lambda u, files: f"old rule of {u}")
+    for name, code in (("current", f"old rule of {unit}"), ("stale", "something else")):
+        data = b"x\n1\n"
+        (tmp_path / f"{name}.csv").write_bytes(data)
+        results.write_record(tmp_path / f"{name}.json", dict(name=name, code_unit=unit, code=code, params={},
+                                                             csv_sha256=hashlib.sha256(data).hexdigest()))
+    assert adopt("current", unit, old, old_rule, tmp_path)
+    assert json.loads((tmp_path / "current.json").read_text())["code"] == results.code_fingerprint(unit, old)
+    assert not adopt("stale", unit, old, old_rule, tmp_path)              # not what OLD computed: left to recompute
+    assert json.loads((tmp_path / "stale.json").read_text())["code"] == "something else"
+    assert not adopt("current", unit, old, old_rule, tmp_path)            # already adopted: nothing to do

@@ -9,10 +9,15 @@ each stored table is looked up, such a record is rewritten with that hash. `cach
 code, as it always does, and recomputes the tables whose code changed since OLD. A record that does not match OLD is
 left as it is (and is recomputed as stale).
 
+A record is only ever rewritten to describe OLD's code, so a table whose code changed since OLD is still recomputed.
+With `--records`, every record that names its unit (`code_unit`) is adopted in place, and nothing is run.
+
 usage: python tools/adopt_code_units.py OLD_COMMIT [reproduce options, e.g. --only dcm]
+       python tools/adopt_code_units.py OLD_COMMIT --records
 """
 import ast
 import hashlib
+import json
 import subprocess
 import sys
 import types
@@ -66,6 +71,21 @@ def recorded_by(info: dict, files: dict[str, bytes], rule: types.ModuleType) -> 
     return hasattr(rule, "code_units") and info.get("code") == rule.code_fingerprint(info["code_unit"], files)
 
 
+def adopt(name: str, unit: str | None, files: dict[str, bytes], rule: types.ModuleType, root=None) -> bool:
+    "Rewrite table `name`'s record with the running rule's hash of OLD's code for `unit`, if OLD computed it; True if rewritten."
+    from entity_circuits import results
+    info = results.result_info(name, root)
+    if info is None or not recorded_by(info, files, rule):
+        return False
+    rest = {k: v for k, v in info.items() if k != "code_module"}
+    new = dict(rest, code_unit=unit, code=results.code_fingerprint(unit, files))
+    if new == info:
+        return False
+    _, meta = results._paths(name, root)
+    results.write_record(meta, new)
+    return True
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print(__doc__)
@@ -73,19 +93,15 @@ def main(argv: list[str]) -> int:
     old, rest = argv[0], argv[1:]
     from entity_circuits import results
     files, rule = package_at(old), rule_at(old)
+    if rest == ["--records"]:          # every record already names its unit: nothing to run
+        records = [json.loads(p.read_text()) for p in sorted(results.results_dir().glob("*.json"))]
+        adopted = [i["name"] for i in records if "code_unit" in i and adopt(i["name"], i["code_unit"], files, rule)]
+        print(f"adopted {len(adopted)} records: {', '.join(adopted)}")
+        return 0
     adopted, original = [], results.cached
 
     def adopting(name, compute, params, models=(), root=None):
-        info = results.result_info(name, root)
-        if info is not None and recorded_by(info, files, rule):
-            unit = results._code_unit(compute)
-            info.pop("code_module", None)
-            new = dict(info, code_unit=unit, code=results.code_fingerprint(unit, files))
-            if new == info:
-                return original(name, compute, params, models, root)
-            info = new
-            _, meta = results._paths(name, root)
-            results.write_record(meta, info)
+        if adopt(name, results._code_unit(compute), files, rule, root):
             adopted.append(name)
         return original(name, compute, params, models, root)
 
