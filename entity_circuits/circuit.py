@@ -144,8 +144,8 @@ def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_ra
     """`circuit` in each of `models` (name -> `(model, tokenizer)`; `means`: name -> `head_means`): full accuracy,
     circuit accuracy, faithfulness = circuit / full and the mean accuracy of `n_random` random circuits of the same
     group sizes (drawn with `random_seed`), per ablation `context`, each with a bootstrap 95% CI over prompts
-    (faithfulness: paired, of the ratio). `readout` (`restrict`, `prefix`) goes to every prediction. Tidy: model, circuit, heads, n, context, metric,
-    value, ci_low, ci_high."""
+    (faithfulness: paired, of the ratio). `readout` (`restrict`, `prefix`) goes to every prediction. Tidy: model,
+    circuit, heads, n, context, metric, value, ci_low, ci_high."""
     rows = []
     for m, (model, tok) in tqdm(models.items(), desc=f"{name} circuit", disable=not progress or progress_disabled(),
                                 leave=False):

@@ -176,8 +176,8 @@ def step_extras(zoo: Zoo, root=None) -> dict:
     from entity_circuits.tracing import attention_layout
     c, out = zoo.config, {}
     for m in zoo.extras:
-        grid = out[table_name("accuracy_grid", m)] = stored_accuracy_grid(m, root, n=c.n_extra,
-                                                                          box_counts=c.box_counts)
+        grid = stored_accuracy_grid(m, root, n=c.n_extra, box_counts=c.box_counts)
+        out[table_name("accuracy_grid", m)] = grid
         if (best := best_setting(grid)) is None:
             continue                                     # it tracks nowhere: the chapter shows that and stops
         template, n_boxes = best

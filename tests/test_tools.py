@@ -46,6 +46,7 @@ def test_adopt_rewrites_only_a_record_that_olds_rule_gives_olds_code(tmp_path):
     import types
     from adopt_code_units import adopt
     unit, old = "entity_circuits.m:attend", {"entity_circuits.m": SOURCE}
+    # OLD's results module as `recorded_by` reads it: a unit-based rule (it has `code_units`) and its fingerprint
     old_rule = types.SimpleNamespace(code_units=None, code_fingerprint=lambda u, files: f"old rule of {u}")
     for name, code in (("current", f"old rule of {unit}"), ("stale", "something else")):
         data = b"x\n1\n"

@@ -77,8 +77,8 @@ def adopt(name: str, unit: str | None, files: dict[str, bytes], rule: types.Modu
     info = results.result_info(name, root)
     if info is None or not recorded_by(info, files, rule):
         return False
-    rest = {k: v for k, v in info.items() if k != "code_module"}
-    new = dict(rest, code_unit=unit, code=results.code_fingerprint(unit, files))
+    unit_based = {k: v for k, v in info.items() if k != "code_module"}     # the old rule's field goes
+    new = dict(unit_based, code_unit=unit, code=results.code_fingerprint(unit, files))
     if new == info:
         return False
     _, meta = results._paths(name, root)
