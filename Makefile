@@ -12,7 +12,7 @@ export PYTHONHASHSEED := 0
 export SOURCE_DATE_EPOCH := 0
 export MATPLOTLIBRC := $(CURDIR)/matplotlibrc
 
-.PHONY: setup smollm2 test reproduce book export clean
+.PHONY: setup smollm2 test status reproduce book export clean
 
 # torch must be pinned in the same pip call as everything else: 2.13.0 is a CPU wheel on local
 # disk, and an unpinned torch would pull a multi-GB CUDA build. constraints.txt pins the rest
@@ -45,6 +45,11 @@ test: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest tests/ --nbval-lax --nbval-current-env nbs/ \
 	    -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope
 
+# Every stored table as current, stale (and why) or missing, computing nothing; non-zero if any is not current. The
+# default zoo includes SmolLM2 when installed, so its tables are checked too.
+status: setup smollm2
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/entity-circuits status
+
 # The main job on the shipped defaults: every experiment into results/ (resumable), then the book
 # (which executes every chapter, reusing those results) in _build/html/.
 reproduce: setup smollm2
@@ -62,6 +67,7 @@ book: setup
 export: setup
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
+	$(BIN)/python tools/check_sources.py --clear-outputs
 
 clean:
 	rm -rf _build $(VENV)

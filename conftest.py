@@ -1,8 +1,19 @@
-"""Shared pytest set-up: offline hub, and a count of the notebooks nbval executed."""
+"""Shared pytest set-up: offline hub, tests that may compute stored tables, and a count of the notebooks nbval executed."""
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _tests_compute():
+    """Every test runs inside the store's `writing()`: a test computes the tables it asks for (in its own temporary
+    directory). The chapters, executed by nbval in their own kernels, read the store, as the book does."""
+    from entity_circuits.results import writing
+    with writing():
+        yield
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -18,12 +19,12 @@ from .evaluate import bootstrap_ci, predictions, ratio_ci
 from .models import progress_disabled
 from .groups import GROUPS, Circuit
 from .path_patching import apply_rope, discover_circuit, discovery_prompts, model_parts
-from .results import cached, load_result, results_dir
+from .results import MissingResult, cached, load_result, results_dir
 from .tracing import attention_layout, capture_heads, patch_heads
 from .zoo import TEST_SEED, Zoo, table_name
 
 # %% auto #0
-__all__ = ['MEANS_SEED', 'POSITIONS', 'PAPER_TABLE1', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
+__all__ = ['MEANS_SEED', 'POSITIONS', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
            'evaluate_circuit', 'zoo_means', 'minimality', 'minimality_table', 'prune', 'circuit_table',
            'circuit_from_rows', 'circuit_from_table', 'find_circuit_stored', 'stored_circuit', 'need_circuit',
            'circuit_in_models', 'stored_table1', 'overlap', 'stored_cross_circuit', 'completeness',
@@ -120,13 +121,6 @@ def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int = 10, 
     return out
 
 # %% ../nbs/07_circuit.ipynb #699ecade
-PAPER_TABLE1 = pd.DataFrame({
-    "paper model": ["LLaMA-7B", "Vicuna-7B", "Goat-7B", "FLoat-7B"],
-    "paper full": [0.66, 0.67, 0.82, 0.82], "paper circuit": [0.66, 0.65, 0.73, 0.72],
-    "paper random": [0.00, 0.00, 0.01, 0.01], "paper faithfulness": [1.00, 0.97, 0.89, 0.88],
-}, index=["base", "chat", "math-lora", "math-full"])
-
-
 def _stat(**kw) -> dict:
     "A row's value and bootstrap 95% CI from per-prompt outcomes `values=` (or of a ratio: `num=`, `den=`, paired)."
     if "values" in kw:
@@ -160,7 +154,8 @@ def evaluate_circuit(models: dict, circuit: Circuit, examples, means: dict, n_ra
             if n_random:
                 rand = np.mean([ablated_predictions(model, tok, examples, means[m], kept=c.heads(), context=context,
                                                     **readout)
-                                for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, random_seed)], axis=0)
+                                for c in random_circuits(circuit, lay.n_layers, lay.n_heads, n_random, random_seed)],
+                               axis=0)
                 rows.append(_stat(**key, context=context, metric="random", values=rand))
     return pd.DataFrame(rows)
 
@@ -231,15 +226,16 @@ def circuit_table(circuit, model: str, stage: str) -> pd.DataFrame:
                         columns=["model", "stage", "group", "order", "layer", "head"])
 
 
-def circuit_from_rows(rows: pd.DataFrame, by: str | Sequence[str]) -> Circuit:
+def circuit_from_rows(rows: pd.DataFrame, *, by: str | Sequence[str]) -> Circuit:
     "The `Circuit` of a table's `rows` (columns group, layer, head), each group's heads in the order of column(s) `by`."
     rows = rows.sort_values(["group", *([by] if isinstance(by, str) else by)])
-    return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int))) for g, d in rows.groupby("group")})
+    return Circuit.from_dict({g: list(zip(d["layer"].astype(int), d["head"].astype(int)))
+                              for g, d in rows.groupby("group")})
 
 
 def circuit_from_table(table: pd.DataFrame, stage: str = "minimal"):
     "The `Circuit` stored in a `circuit_table` (rows of `stage`)."
-    return circuit_from_rows(table[table["stage"] == stage], "order")
+    return circuit_from_rows(table[table["stage"] == stage], by="order")
 
 # %% ../nbs/07_circuit.ipynb #findstored0
 def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | None = None, root=None):
@@ -263,10 +259,11 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
 
     scores = cached(table_name("path_patching", name), patch, dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1),
                     [name], root)
-    candidates = circuit_from_rows(scores[scores.candidate_rank >= 0], "candidate_rank")
+    candidates = circuit_from_rows(scores[scores.candidate_rank >= 0], by="candidate_rank")
 
     def mini(candidates, n, seed, n_means, means_seed, max_k, context) -> pd.DataFrame:
-        circuit, test, means = Circuit.from_dict(candidates), zoo.test_prompts(n, seed), zoo_means(zoo, name, n_means, means_seed)
+        circuit, test = Circuit.from_dict(candidates), zoo.test_prompts(n, seed)
+        means = zoo_means(zoo, name, n_means, means_seed)
         t = minimality_table(model, tok, circuit, test, means, max_k=max_k, context=context)
         t.insert(0, "model", name)
         return t
@@ -295,7 +292,8 @@ def need_circuit(root=None, role: str = "base"):
     "`stored_circuit(role, root)`, or an error that says which step computes it."
     c = stored_circuit(role, root)
     if c is None:
-        raise RuntimeError(f"no stored circuit of the {role} model in {root or results_dir()}: run the 'circuit' step first.")
+        raise MissingResult(f"no stored circuit of the {role} model in {Path(root or results_dir()).name}/: "
+                            "run the 'circuit' step first (`entity-circuits reproduce --only circuit`).")
     return c
 
 # %% ../nbs/07_circuit.ipynb #t1cc0001
@@ -320,15 +318,17 @@ def stored_table1(zoo: Zoo, root=None) -> dict:
     circuit, cfg = need_circuit(root), zoo.config
 
     def table1(circuit, n, seed, n_random, random_seed, n_means):
-        return circuit_in_models(zoo, Circuit.from_dict(circuit), "base", n_random=n_random, examples=zoo.test_prompts(n, seed),
-                                 seed=seed, n_means=n_means, random_seed=random_seed)
+        return circuit_in_models(zoo, Circuit.from_dict(circuit), "base", n_random=n_random,
+                                 examples=zoo.test_prompts(n, seed), seed=seed, n_means=n_means,
+                                 random_seed=random_seed)
     return {"table1": cached("table1", table1, dict(circuit=circuit.to_dict(), n=cfg.n_test, seed=TEST_SEED,
                                                     n_random=cfg.n_random, random_seed=0, n_means=cfg.n_means),
                              list(zoo.by_role().values()), root)}
 
 # %% ../nbs/07_circuit.ipynb #7f5cd7d2
 def overlap(circuit: Circuit, reference: Circuit) -> pd.DataFrame:
-    "Precision (share of `circuit` in `reference`) and recall (share of `reference` in `circuit`), per group and overall."
+    """Precision (share of `circuit` in `reference`) and recall (share of `reference` in `circuit`), per group and
+    overall."""
     rows = {}
     for g in (*GROUPS, "all"):
         mine = set(circuit.heads() if g == "all" else circuit[g])
@@ -350,8 +350,9 @@ def stored_cross_circuit(zoo: Zoo, root=None) -> dict:
     as_dicts = {k: c.to_dict() for k, c in circuits.items()}
 
     def cross(circuits, n, seed, n_means):
-        return pd.concat([circuit_in_models(zoo, Circuit.from_dict(c), name, contexts=("keep",), seed=seed, n_means=n_means,
-                                            examples=zoo.test_prompts(n, seed)) for name, c in circuits.items()])
+        return pd.concat([circuit_in_models(zoo, Circuit.from_dict(c), name, contexts=("keep",), seed=seed,
+                                            n_means=n_means, examples=zoo.test_prompts(n, seed))
+                          for name, c in circuits.items()])
 
     def overlaps(circuits):
         base = Circuit.from_dict(circuits["base"])
@@ -376,7 +377,8 @@ def completeness(model, tokenizer, circuit: Circuit, examples, means, n_random: 
         rest = [h for h in heads if h not in K]
         rows.append({"K": name, "size": len(K),
                      "circuit without K": circuit_accuracy(model, tokenizer, rest, examples, means, context="keep"),
-                     "model without K": float(ablated_predictions(model, tokenizer, examples, means, ablated=K).mean())})
+                     "model without K": float(ablated_predictions(model, tokenizer, examples, means,
+                                                                  ablated=K).mean())})
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_circuit.ipynb #compcc01
@@ -393,8 +395,9 @@ def stored_completeness(zoo: Zoo, root=None) -> dict:
                           .assign(model=name, role=role, n=len(test)) for role, name in zoo.by_role().items()])
 
     return {"completeness": cached("completeness", compute,
-                                   dict(circuit=circuit.to_dict(), n=cfg.n_completeness, seed=TEST_SEED, n_random=cfg.completeness_random,
-                                        random_seed=0, n_means=cfg.n_means), list(zoo.by_role().values()), root)}
+                                   dict(circuit=circuit.to_dict(), n=cfg.n_completeness, seed=TEST_SEED,
+                                        n_random=cfg.completeness_random, random_seed=0, n_means=cfg.n_means),
+                                   list(zoo.by_role().values()), root)}
 
 # %% ../nbs/07_circuit.ipynb #plotcomp
 def plot_completeness(table: pd.DataFrame):

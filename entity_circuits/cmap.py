@@ -17,7 +17,7 @@ from .evaluate import TEST_SEED, bootstrap_ci, paired_difference, predictions
 from .models import load_model, progress_disabled
 from .groups import GROUP_LETTERS, GROUPS, PATHS
 from .results import cached
-from .tracing import TraceDict, attention_layout, get_module, split_heads
+from .tracing import TraceDict, attention_layout, get_module, merge_heads, split_heads
 
 # %% auto #0
 __all__ = ['PAPER_CMAP', 'PAPER_CMAP_BASE', 'CMAP_INPUT_KINDS', 'HeadActivations', 'head_activations', 'Contributions',
@@ -44,22 +44,28 @@ def _positions(batch: BoxesBatch, positions) -> torch.Tensor | None:
         raise IndexError(f"a position is out of range for prompts of {T} tokens.")
     return p % T
 
-
+# %% ../nbs/09_cmap.ipynb #2b94c033
 def _check_o_proj(model, layer: int):
-    "The `o_proj` module of `layer`, after checking that it has no bias (LoRA included) and is in eval mode."
+    "The output projection (`o_proj`, `c_proj`, `dense`) of `layer`, after checking that it is in eval mode."
     name = attention_layout(model).module(layer, "o")
     o_proj = get_module(model, name)
-    biases = [n for n, _ in o_proj.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
-    if biases:
-        raise ValueError(
-            f"{name} has a bias ({', '.join(biases)}): a head's write, o_proj(its output with the other heads "
-            "zeroed), would carry the bias once per head, and the heads' writes would not add up to the layer's "
-            "output. CMAP needs a bias-free o_proj, as in Llama (attention_bias=False).")
     if o_proj.training:
         raise ValueError(f"{name} is in training mode, where dropout makes the writes random: call model.eval().")
     return o_proj
 
 
+def _has_bias(o_proj) -> bool:
+    "Whether the output projection (a LoRA layer's base layer included) adds a bias."
+    return any(n.rsplit(".", 1)[-1] == "bias" and p is not None for n, p in o_proj.named_parameters())
+
+
+def _writes(o_proj, masked: torch.Tensor) -> torch.Tensor:
+    """Each head's write: `o_proj` (its own map, no hooks) of its masked input `[n, ..., n_heads * head_dim]`, minus
+    `o_proj` of zeros if it has a bias (then the bias is written once by the layer, not once per head)."""
+    out = o_proj.forward(masked)
+    return out - o_proj.forward(torch.zeros_like(masked[:1])) if _has_bias(o_proj) else out
+
+# %% ../nbs/09_cmap.ipynb #e41b265b
 def _same_prompts(what: str, taken: torch.Tensor, batch: BoxesBatch) -> None:
     "Raise unless `taken` (input ids) are exactly the batch's prompts."
     if taken.shape != batch.input_ids.shape or not torch.equal(taken.to(batch.input_ids.device), batch.input_ids):
@@ -78,7 +84,8 @@ def _head_mask(x: torch.Tensor, heads: Sequence[int], head_dim: int) -> torch.Te
 @dataclass(frozen=True)
 class HeadActivations:
     """One forward pass of a model on a batch: `acts[(layer, kind)]` `[b, T, n * head_dim]` for kind 'o' (the heads'
-    outputs, `o_proj`'s input) and 'q', 'k', 'v' (the projections' outputs, before RoPE)."""
+    outputs, the output projection's input) and 'q', 'k', 'v' (the projections' outputs, before RoPE; a fused
+    projection's output split by `AttentionLayout.heads`)."""
     acts: dict
     input_ids: torch.Tensor  # the prompts, [b, T]
 
@@ -92,7 +99,8 @@ class HeadActivations:
 @torch.no_grad()
 def head_activations(model, batch: BoxesBatch, layers: Sequence[int], kinds: str = "oqkv") -> HeadActivations:
     """Run `model` on `batch` once (stopping after the last layer needed) and keep, for `layers`, the heads' outputs
-    ('o') and/or the q/k/v projections' outputs. A LoRA on a projection is inside the projection module, so it is kept."""
+    ('o') and/or the q/k/v projections' outputs. A LoRA on a projection is inside the projection module, so it is
+    kept."""
     lay = attention_layout(model)
     if not isinstance(kinds, str) or not kinds or set(kinds) - set("oqkv"):
         raise ValueError(f"kinds is a combination of 'o', 'q', 'k', 'v', not {kinds!r}.")
@@ -108,7 +116,9 @@ def head_activations(model, batch: BoxesBatch, layers: Sequence[int], kinds: str
                                              stop=stop_on_o)) if o_names else {}
         td_qkv = stack.enter_context(TraceDict(model, qkv_names, stop=not stop_on_o)) if qkv_names else {}
         model(**batch.model_inputs())
-    acts = {(l, k): td_o[n].input if k == "o" else td_qkv[n].output for (l, k), n in names.items()}
+    acts = {(l, k): td_o[n].input if k == "o" else
+            td_qkv[n].output if not lay.fused else merge_heads(lay.heads(td_qkv[n].output, k))
+            for (l, k), n in names.items()}
     return HeadActivations(acts, batch.input_ids.clone())
 
 # %% ../nbs/09_cmap.ipynb #724b9b10
@@ -144,16 +154,16 @@ def head_contributions(model, batch: BoxesBatch, heads, positions="last_pos",
         z = acts.get(l, "o")
         z = z if pos is None else z[ar, pos]
         mine = [h for hl, h in heads if hl == l]
-        out = o_proj.forward(_head_mask(z, mine, lay.head_dim))  # .forward: the module's own map, no hooks
+        out = _writes(o_proj, _head_mask(z, mine, lay.head_dim))
         values.update({(l, h): out[j] for j, h in enumerate(mine)})
     return Contributions(heads, pos, torch.stack([values[h] for h in heads]), batch.input_ids.clone())
 
 # %% ../nbs/09_cmap.ipynb #1d3ca6ec
 @contextlib.contextmanager
 def cmap_patch(model, batch: BoxesBatch, *contributions: Contributions):
-    """Within the block, run on `batch`, each head in `contributions` writes the given contribution instead of its own at
-    the contribution's positions: a forward hook on `o_proj` subtracts the head's own write (`o_proj` of its masked
-    input) and adds the given one; `o_proj` itself runs unchanged."""
+    """Within the block, run on `batch`, each head in `contributions` writes the given contribution instead of its
+    own at the contribution's positions: a forward hook on `o_proj` subtracts the head's own write (`o_proj` of its
+    masked input) and adds the given one; `o_proj` itself runs unchanged."""
     lay = attention_layout(model)
     plan: dict[int, list] = {}  # layer -> [(heads, positions or None, values [n, b, (T,) hidden])]
     seen: dict[tuple, list] = {}
@@ -180,7 +190,7 @@ def cmap_patch(model, batch: BoxesBatch, *contributions: Contributions):
                                  f"of {tuple(batch.input_ids.shape)} given to cmap_patch: run the model on that batch.")
             out = output.clone()
             for heads, p, values in plan[layer]:
-                own = mod.forward(_head_mask(z if p is None else z[ar, p], heads, lay.head_dim))
+                own = _writes(mod, _head_mask(z if p is None else z[ar, p], heads, lay.head_dim))
                 delta = (values.to(out) - own).sum(0)
                 if p is None:
                     out += delta
@@ -223,13 +233,13 @@ def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds:
     T = batch.input_ids.shape[1]
     keys = torch.ones_like(batch.input_ids, dtype=torch.bool) if pos is None else \
         torch.arange(T, device=ar.device)[None] <= pos[:, None]            # [b, T]: what the query attends to
-    edits: dict[str, tuple] = {}       # projection module -> ((layer, kind), {head index in that projection})
+    edits: dict[str, dict] = {}        # projection module -> {(layer, kind): {head index along that kind}}
     disturbed: dict[int, set] = {}     # layer -> query heads whose keys/values were patched
     for l, h in dict.fromkeys((int(l), int(h)) for l, h in heads):
         lay.check(l, h)
         for k in kinds:
             source.get(l, k)
-            edits.setdefault(lay.module(l, k), ((l, k), set()))[1].add(h if k == "q" else lay.kv_head(h))
+            edits.setdefault(lay.module(l, k), {}).setdefault((l, k), set()).add(h if k == "q" else lay.kv_head(h))
             if k != "q" and pos is not None:
                 g = lay.kv_head(h)
                 disturbed.setdefault(l, set()).update(range(g * lay.group_size, (g + 1) * lay.group_size))
@@ -239,15 +249,15 @@ def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds:
         _same_prompts("clean activations", clean.input_ids, batch)
 
     def edit(out, name):
-        (l, kind), idx = edits[name]
-        src = split_heads(source.get(l, kind).to(out), lay.n_heads if kind == "q" else lay.n_kv_heads)
         out = out.clone()
-        view = split_heads(out, src.shape[-2])
-        for i in sorted(idx):
-            if kind == "q" and pos is not None:
-                view[ar, pos, i] = src[ar, pos, i]
-            else:
-                view[:, :, i] = torch.where(keys[..., None], src[:, :, i], view[:, :, i])
+        for (l, kind), idx in edits[name].items():     # one kind per module, or q, k, v of one fused projection
+            src = split_heads(source.get(l, kind).to(out), lay.n(kind))
+            view = lay.heads(out, kind)                  # a view into `out`: the slice the attention reads
+            for i in sorted(idx):
+                if kind == "q" and pos is not None:
+                    view[ar, pos, i] = src[ar, pos, i]
+                else:
+                    view[:, :, i] = torch.where(keys[..., None], src[:, :, i], view[:, :, i])
         return out
 
     def restore(z, name):
@@ -272,7 +282,8 @@ def input_patch(model, batch: BoxesBatch, source: HeadActivations, heads, kinds:
 def _by_position(heads_by_group: Mapping) -> dict[str, list]:
     "The heads to patch at each position (a `BoxesBatch` field), from `{group: heads}`; empty groups dropped."
     if not isinstance(heads_by_group, Mapping):
-        raise TypeError(f"heads_by_group is a mapping {{group: [(layer, head), ...]}}, not {type(heads_by_group).__name__}.")
+        raise TypeError("heads_by_group is a mapping {group: [(layer, head), ...]}, not "
+                        f"{type(heads_by_group).__name__}.")
     unknown = [g for g in heads_by_group if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown group(s) {unknown}; the groups are {list(GROUPS)}.")
@@ -289,14 +300,15 @@ def _check_pair(base, source) -> None:
         raise ValueError(f"the source's attention ({s}) does not match the base's ({a}): CMAP patches heads between "
                          "models of the same architecture (a model and its fine-tune).")
 
-
+# %% ../nbs/09_cmap.ipynb #48de7320
 @torch.no_grad()
 def cmap_predictions(base, source, tokenizer, examples, configs: Sequence[tuple[Mapping, str]], batch_size: int = 100,
                      progress: bool = True) -> list[np.ndarray]:
     """Per-prompt correctness of `base` (top-1 at the last token, as `evaluate.predictions`) under each configuration
-    `(heads_by_group, patch)`: the heads of `heads_by_group` (`{group: [(layer, head), ...]}`) taken from `source` on the
-    same prompts, each group at its position; `patch` is 'output' (the heads' writes: CMAP) or a combination of 'Q', 'K',
-    'V' (the heads' inputs). Per batch, the source runs once and the base's clean run once, for all configurations."""
+    `(heads_by_group, patch)`: the heads of `heads_by_group` (`{group: [(layer, head), ...]}`) taken from `source`
+    on the same prompts, each group at its position; `patch` is 'output' (the heads' writes: CMAP) or a combination
+    of 'Q', 'K', 'V' (the heads' inputs). Per batch, the source runs once and the base's clean run once, for all
+    configurations."""
     _check_pair(base, source)
     plans = [(_by_position(hbg), None if patch == "output" else _kinds(patch)) for hbg, patch in configs]
     layers = sorted({l for by_pos, _ in plans for hs in by_pos.values() for l, _ in hs})
@@ -445,7 +457,7 @@ def plot_cmap(df: pd.DataFrame, paper: pd.DataFrame | None = PAPER_CMAP, paper_b
     ax.legend(fontsize=7, loc="upper left", ncol=2)
     side.axis("off")
     if paper is not None:
-        from entity_circuits.evaluate import PAPER_ACCURACY
+        from entity_circuits.groups import PAPER_ACCURACY
         alone_paper = [f"{PAPER_ACCURACY[m]:.2f}" if m in PAPER_ACCURACY else "" for m in paper.index]
         cells = [[a] + [f"{v:.2f}" for v in r] for a, r in zip(alone_paper, paper.values)]
         cells += [[f"{paper_base:.2f}"] + [""] * paper.shape[1]]

@@ -233,10 +233,12 @@ class _Located:
 
 
 def _locate(ex: BoxesExample, ids: Sequence[int], offsets, unk_id, answer_of: dict[str, int], prefix: str = ""):
-    "Token index of every word of `prefix + ex.prompt` (unpadded), or None; plus the problems found, keyed (word, role)."
+    """Token index of every word of `prefix + ex.prompt` (unpadded), or None; plus the problems found, keyed
+    (word, role)."""
     text, object_spans, label_spans, query_span = _render(ex.objects, ex.labels, ex.query)
     text, shift = prefix + text, len(prefix)
-    object_spans, label_spans = [(a + shift, b + shift) for a, b in object_spans], [(a + shift, b + shift) for a, b in label_spans]
+    object_spans = [(a + shift, b + shift) for a, b in object_spans]
+    label_spans = [(a + shift, b + shift) for a, b in label_spans]
     query_span = (query_span[0] + shift, query_span[1] + shift)
     problems: dict[tuple[str, str], str] = {}
 
@@ -267,17 +269,32 @@ def _locate(ex: BoxesExample, ids: Sequence[int], offsets, unk_id, answer_of: di
 
 
 # %% ../nbs/02_data.ipynb #7063e0da
+_HOW_TO_BUILD = {"BoxesExample": "sample_boxes(n, n_boxes, seed=...) draws them, or build one with "
+                                  "BoxesExample(objects=('apple', 'bell'), labels=('A', 'B'), query=0)",
+                 "DesiderataPair": "make_desiderata(n, n_boxes, seed=...) draws them"}
+
+
 def _as_list(items, cls) -> list:
+    "`items` as a non-empty list of `cls`; a clear TypeError for a single one, a string, or anything else."
+    name = cls.__name__
     if isinstance(items, cls):
-        raise TypeError(f"pass a sequence of {cls.__name__}, e.g. [example], not a single one")
+        raise TypeError(f"pass a sequence of {name}, e.g. [example], not a single one")
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"expected a sequence of {name} objects, got {type(items).__name__} {items!r:.60}: "
+                        f"{_HOW_TO_BUILD.get(name, '')}.")
     items = list(items)
     if not items:
         raise ValueError("need at least one example")
+    bad = next((x for x in items if not isinstance(x, cls)), None)
+    if bad is not None:
+        raise TypeError(f"expected {name} objects, got a {type(bad).__name__} ({bad!r:.60}): a prompt is built from "
+                        f"its objects and labels, not from text; {_HOW_TO_BUILD.get(name, '')}.")
     return items
 
 
 def _analyse(examples: Sequence[BoxesExample], tokenizer, prefix: str = ""):
-    "Tokenize `prefix + prompt` of `examples` (special tokens included) and locate every word; nothing raised for bad words."
+    """Tokenize `prefix + prompt` of `examples` (special tokens included) and locate every word; nothing raised for
+    bad words."""
     _require_fast(tokenizer)
     enc = tokenizer([prefix + ex.prompt for ex in examples], add_special_tokens=True, return_offsets_mapping=True)
     words = sorted({o for ex in examples for o in ex.objects})
@@ -447,7 +464,8 @@ def corrupt_for_path_patching(
         query = (ex.query + 1) % n
         query_label = rng.choice([l for l in labels if l != ex.query_label])
         others = rng.sample([l for l in labels if l != query_label], n - 1)
-        out.append(BoxesExample(tuple(rng.sample(fresh, n)), tuple(others[:query] + [query_label] + others[query:]), query))
+        out.append(BoxesExample(tuple(rng.sample(fresh, n)),
+                                tuple(others[:query] + [query_label] + others[query:]), query))
     return out
 
 # %% ../nbs/02_data.ipynb #data-038
@@ -462,7 +480,7 @@ def normalize_desideratum(name: str) -> str:
         raise ValueError(f"unknown desideratum {name!r}; choose one of {DESIDERATA}")
     return key
 
-
+# %% ../nbs/02_data.ipynb #0fac2309
 @dataclass(frozen=True)
 class DesiderataPair:
     """A base prompt and the source prompt whose activations are patched into it; the three DCM

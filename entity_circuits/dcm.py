@@ -56,7 +56,8 @@ def source_cache(model, inputs: dict, positions: torch.Tensor, heads: Sequence[t
 @contextlib.contextmanager
 def masked_patch(model, heads: Sequence[tuple[int, int]], source: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor | None = None):
-    "Within the block, head `heads[j]` at `positions` outputs `mask[j] * own + (1 - mask[j]) * source[:, j]` (mask None: all 0)."
+    """Within the block, head `heads[j]` at `positions` outputs `mask[j] * own + (1 - mask[j]) * source[:, j]`
+    (mask None: all 0)."""
     if source.shape[1] != len(heads):
         raise ValueError(f"source holds {source.shape[1]} heads but {len(heads)} heads were given.")
     mask = torch.zeros(len(heads)) if mask is None else mask
@@ -95,7 +96,7 @@ class EncodedPairs(NamedTuple):
     targets: dict    # desideratum -> [N] token ids
     candidates: torch.Tensor | None = None   # [N, 2k] the base's and the source's object tokens (`restrict`)
 
-
+# %% ../nbs/08_dcm.ipynb #fcb47d9c
 def _object_ids(batch) -> torch.Tensor:
     "The object tokens of every prompt of a `BoxesBatch` (`[b, k]`; prompts of one batch have the same box count)."
     if (batch.object_pos < 0).any():
@@ -335,7 +336,8 @@ def selected_heads(table: pd.DataFrame) -> dict:
 
 
 def stored_functionality(models: dict, tokenizer, heads: dict, root=None, runs: int = 10, n: int = 500) -> pd.DataFrame:
-    "`functionality` (Fig. 3) of `heads` in `models` (model name -> model: the table's `model` column) through the store."
+    """`functionality` (Fig. 3) of `heads` in `models` (model name -> model: the table's `model` column) through the
+    store."""
     def compute(heads, **fig3):      # heads keyed "group/desideratum" (a JSON key), back to (group, desideratum)
         return functionality(models, tokenizer, {tuple(k.split("/", 1)): hs for k, hs in heads.items()}, progress=False,
                              **fig3)
@@ -353,7 +355,8 @@ def stored_variants(name: str, model, tokenizer, heads, root=None, sizes: tuple 
 
 # %% ../nbs/08_dcm.ipynb #26887184
 def original_position_targets(pairs: Sequence[DesiderataPair], tokenizer, seed: int = 0) -> torch.Tensor:
-    "Position targets as the original code effectively had them: the target box drawn from all boxes, the base's own included."
+    """Position targets as the original code effectively had them: the target box drawn from all boxes, the base's
+    own included."""
     rng = random.Random(seed)
     words = [" " + p.base.objects[rng.randrange(p.base.n_boxes)] for p in pairs]
     return torch.tensor(first_token_ids(tokenizer, words))
@@ -406,7 +409,8 @@ def functionality(models: dict, tokenizer, heads: dict, runs: int = 10, n: int =
 
 # %% ../nbs/08_dcm.ipynb #071e4b4a
 def plot_functionality(df: pd.DataFrame, order: Sequence[str], paper: pd.DataFrame | None = None):
-    "Grouped bars like the paper's Fig. 3: one group of bars per (group, desideratum), one bar per model, std as error bars."
+    """Grouped bars like the paper's Fig. 3: one group of bars per (group, desideratum), one bar per model, std as
+    error bars."""
     import matplotlib.pyplot as plt
     stats = df.groupby(["group", "desideratum", "model"])["accuracy"].agg(["mean", "std"]).mul(100).reset_index()
     keys = [k for k in dict.fromkeys(zip(stats["group"], stats["desideratum"]))]
@@ -452,7 +456,7 @@ PAPER_VARIANTS = {"random_text_start": 0.348, "random_text_end": 0.356, "add_tok
                   "altered_box_obj_order": 0.328, "is_not_in": 0.166, "no_comma": 0.386, "add_comma": 0.354}
 "The paper's DCM test accuracy of the LLaMA position transmitter per variant ('is_not_in' = its 'incorrect_segment')."
 
-
+# %% ../nbs/08_dcm.ipynb #189b6a3a
 def variant_text(pair: DesiderataPair, variant: str, rng: random.Random, extra: tuple[str, str]) -> str:
     "The source prompt of `pair` rewritten as `variant`; `extra` = (object, label) for added segments."
     s = pair.source
@@ -499,9 +503,10 @@ def _encode_texts(tokenizer, texts: Sequence[str]) -> tuple[dict, torch.Tensor]:
     return dict(input_ids=input_ids, attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)), torch.full((len(ids),), width - 1)
 
-
+# %% ../nbs/08_dcm.ipynb #85b9ca13
 def variant_data(model, tokenizer, pairs: Sequence[DesiderataPair], variant: str, heads, seed: int = 0) -> DCMData:
-    "DCM data for the position transmitter with sources rewritten as `variant`; pairs whose shifted target is the base box are dropped."
+    """DCM data for the position transmitter with sources rewritten as `variant`; pairs whose shifted target is the
+    base box are dropped."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}.")
     shift, rng = VARIANTS[variant][1], random.Random(seed)
@@ -531,13 +536,15 @@ def variant_table(model, tokenizer, heads, splits, variants: Sequence[str] = tup
             rows.append(row | {"selected": None, "test accuracy": None, "floor": None, "note": str(e)[:60]})
             continue
         mask, _ = train_mask(model, heads, tr, va, seed=seed, progress=False, **train_kw)
-        rows.append(row | {"selected": int((mask == 0).sum()), "test accuracy": patched_accuracy(model, heads, te, mask),
+        rows.append(row | {"selected": int((mask == 0).sum()),
+                           "test accuracy": patched_accuracy(model, heads, te, mask),
                            "floor": patched_accuracy(model, heads, te, torch.ones(len(heads))), "n test": te.n,
                            "note": ""})
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_dcm.ipynb #ec1e8e89
-CMAP_RULE = {"value_fetcher": "object", "pos_transmitter": "position", "pos_detector": "position", "struct_reader": None}
+CMAP_RULE = {"value_fetcher": "object", "pos_transmitter": "position", "pos_detector": "position",
+             "struct_reader": None}
 "The desideratum whose DCM heads CMAP patches, per group (None: the whole group)."
 
 

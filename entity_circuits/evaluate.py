@@ -5,51 +5,24 @@
 # %% ../nbs/05_accuracy.ipynb #39da880c
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from .data import BoxesExample, encode, sample_usable, usable_labels, usable_objects
+from .data import sample_usable, usable_labels, usable_objects
 from .models import progress_disabled
 from .results import cached
-from .zoo import TEST_SEED, Zoo, role_of, table_name
+from .organisms import BOXES_EVAL_SEED, revival_training
+from .zoo import TEST_SEED, Zoo, predictions, role_of, table_name
 
 # %% auto #0
-__all__ = ['PAPER_ACCURACY', 'REVIVAL_STEPS', 'RETENTION', 'PAPER_EFFECT', 'predictions', 'bootstrap_ci', 'ratio_ci',
-           'paired_difference', 'accuracy_table', 'revival_curve', 'revival_table', 'paired_accuracy',
-           'stored_accuracy', 'organism_targets', 'plot_accuracy_by_boxes']
+__all__ = ['REVIVAL_STEPS', 'RETENTION', 'PAPER_EFFECT', 'bootstrap_ci', 'ratio_ci', 'paired_difference', 'accuracy_table',
+           'revival_curve', 'revival_table', 'paired_accuracy', 'stored_accuracy', 'organism_targets',
+           'plot_accuracy_by_boxes']
 
 # %% ../nbs/05_accuracy.ipynb #5c0aa2b3
-@torch.no_grad()
-def predictions(model, tokenizer, examples: Sequence[BoxesExample], batch_size: int = 50,
-                desc: str | None = None, progress: bool = True,
-                intervene: Callable | None = None, restrict: bool = False, prefix: str = "") -> np.ndarray:
-    """Per-prompt correctness (bool array) of the top-1 next token at the last position. `intervene(batch)`, if
-    given, returns a context manager that each batch's forward pass runs in (e.g. `patch_heads(...)`).
-    `restrict`: the top-1 among the objects in the prompt's own context only (is a miss a lost lookup, or a
-    shifted output prior?). `prefix`: text before every prompt (see `encode`), e.g. a chat template's turns."""
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc or "accuracy",
-                  disable=not progress or progress_disabled(), leave=False):
-        b = encode(examples[i:i + batch_size], tokenizer, device=device, prefix=prefix)
-        with intervene(b) if intervene is not None else contextlib.nullcontext():
-            logits = model(**b.model_inputs()).logits
-        last = logits[torch.arange(len(b), device=device), b.last_pos]
-        if restrict:  # the context's object tokens (object_pos is -1 past each prompt's own boxes)
-            objects = b.input_ids.gather(1, b.object_pos.clamp(min=0))
-            scores = last.gather(1, objects).masked_fill(b.object_pos < 0, -torch.inf)
-            pred = objects.gather(1, scores.argmax(-1, keepdim=True))[:, 0]
-        else:
-            pred = last.argmax(-1)
-        out.append((pred == b.answer_ids).cpu().numpy())
-    return np.concatenate(out)
-
-
 def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of an array (0/1 outcomes, or paired differences). `seed`
     draws the resamples: every table of the book keeps the default, so a table's own `seed` draws its prompts only."""
@@ -78,9 +51,6 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[floa
     return float(d.mean()), *bootstrap_ci(d, seed=seed)
 
 # %% ../nbs/05_accuracy.ipynb #03304fee
-PAPER_ACCURACY = {"LLaMA-7B": 0.66, "Vicuna-7B": 0.67, "Goat-7B": 0.82, "FLoat-7B": 0.82}
-"Table 1 of the paper: full-model accuracy on 500 seven-box prompts."
-
 def accuracy_table(models: dict, n: int = 500, n_boxes: Sequence[int] = (7,), seed: int = TEST_SEED,
                    batch_size: int = 50, restrict: bool = False) -> pd.DataFrame:
     """Accuracy with bootstrap 95% CI for each `name -> (model, tokenizer)` and box count on `n` prompts drawn with
@@ -108,32 +78,9 @@ def revival_curve(model, tokenizer, steps: Sequence[int] = REVIVAL_STEPS, lr: fl
     """7-box accuracy of a copy of `model` trained for `steps` steps on boxes documents (2 to 7 boxes, every
     query answered: the organisms' pretraining format), on held-out prompts that are not the test set. A fine-tune
     that only covered the skill up comes back within a few steps; one that lost it needs as many as the base."""
-    import copy
-    import random
-
-    from entity_circuits.organisms import BOXES_EVAL_SEED, _Encoder, _pad, binding_doc, masked_loss
-
-    trained = copy.deepcopy(model)
-    if hasattr(trained, "merge_and_unload"):  # a LoRA fine-tune: train the merged weights, as for the others
-        trained = trained.merge_and_unload()
-    trained.train()
-    params = [p for p in trained.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng, enc, objects = random.Random(seed), _Encoder(tokenizer), usable_objects(tokenizer)
     held_out = sample_usable(tokenizer, n, 7, BOXES_EVAL_SEED)
-    rows = [{"steps": 0, "accuracy": predictions(trained.eval(), tokenizer, held_out, progress=False).mean()}]
-    for step in range(1, max(steps) + 1):
-        trained.train()
-        docs = [binding_doc(enc, rng, "boxes", rng.randint(2, 7), objects) for _ in range(batch_size)]
-        ids, mask, att = _pad(docs, tokenizer.pad_token_id)
-        loss = masked_loss(trained, ids, mask, att)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step in steps:
-            rows.append({"steps": step, "accuracy": predictions(trained.eval(), tokenizer, held_out, progress=False).mean()})
+    rows = [{"steps": step, "accuracy": predictions(trained.eval(), tokenizer, held_out, progress=False).mean()}
+            for step, trained in revival_training(model, tokenizer, steps, lr, batch_size, seed)]
     return pd.DataFrame(rows).assign(lr=lr, batch_size=batch_size, n=n, seed=seed)
 
 
@@ -159,7 +106,8 @@ def paired_accuracy(models: dict, base: str, examples) -> pd.DataFrame:
 
 def stored_accuracy(zoo: Zoo, root=None) -> dict:
     """Accuracy tables: `accuracy` (7 boxes), `accuracy_by_boxes`, `accuracy_vs_base` (paired), `accuracy_restricted`
-    (the answer among the context's objects), `revival` (accuracy after a few steps of boxes training), `accuracy_<extra>`."""
+    (the answer among the context's objects), `revival` (accuracy after a few steps of boxes training),
+    `accuracy_<extra>`."""
     cfg, named, out = zoo.config, list(zoo.by_role().values()), {}
     if named:
         roles = lambda **kw: accuracy_table({m: zoo.load(m) for m in named}, **kw)
@@ -169,7 +117,8 @@ def stored_accuracy(zoo: Zoo, root=None) -> dict:
         out["accuracy_restricted"] = cached("accuracy_restricted", roles,
                                             dict(n=cfg.n_test, n_boxes=[7], seed=TEST_SEED, restrict=True), named, root)
         out["revival"] = cached("revival", lambda **kw: revival_table({m: zoo.load(m) for m in named}, **kw),
-                                dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0), named, root)
+                                dict(steps=cfg.revival_steps, n=cfg.n_revival, lr=3e-4, batch_size=16, seed=0),
+                                named, root)
     if zoo.need("base") and len(named) > 1:
         def vs_base(n, base):       # the zoo's test prompts: 7 boxes, seed TEST_SEED
             return paired_accuracy({m: zoo.load(m) for m in named}, base, zoo.test_prompts(n)).assign(seed=TEST_SEED)
@@ -183,7 +132,7 @@ def stored_accuracy(zoo: Zoo, root=None) -> dict:
 
 # %% ../nbs/05_accuracy.ipynb #targ0001
 RETENTION = 0.05
-"A fine-tune 'keeps' the base's 7-box accuracy when its paired difference is within this (7B fine-tunes keep their skills)."
+"A fine-tune 'keeps' the base's 7-box accuracy when its paired difference is within this (7B fine-tunes keep theirs)."
 PAPER_EFFECT = 0.08
 "The gain a math fine-tune must show to count as the paper's effect (Goat/FLoat-7B gained 0.16 over LLaMA-7B)."
 

@@ -86,7 +86,8 @@ EDITABLE = ("eager", "sdpa")
 def block_attention(model, edges, layers: Iterable[int] | None = None):
     """Within the block, in every head of `layers` (default: all), query position `q` cannot attend to key position
     `k`, for each edge `(q, k)` of `edges` (per-prompt tensors `[batch]`, or a list of such pairs). Works by editing
-    the attention mask each `self_attn` receives (eager or sdpa; plain, peft-wrapped, GQA)."""
+    the attention mask each attention module receives (eager or sdpa; any family the layout reads; plain,
+    peft-wrapped, GQA)."""
     lay = attention_layout(model)
     layers = list(range(lay.n_layers)) if layers is None else sorted(set(layers))
     edges = _as_edges(edges)
@@ -105,9 +106,10 @@ def block_attention(model, edges, layers: Iterable[int] | None = None):
     def make_hook(impl: str, slot: int | None):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("past_key_values", kwargs.get("layer_past"))   # GPT-NeoX: layer_past
             if cache is not None and cache.get_seq_length(module.layer_idx) > 0:
-                raise NotImplementedError("block_attention works on one full forward pass, not on cached decoding steps.")
+                raise NotImplementedError("block_attention works on one full forward pass, not on cached decoding "
+                                          "steps.")
             if slot is not None and len(args) > slot:
                 args = (*args[:slot], _edited_mask(args[slot], edges, hidden, impl), *args[slot + 1:])
             else:
@@ -150,7 +152,7 @@ def random_earlier(batch: BoxesBatch, source: torch.Tensor, exclude: Sequence[to
     scores = torch.rand(b, T, generator=generator).masked_fill(~ok, -1.0)
     return scores.argmax(1).to(batch.input_ids.device)
 
-
+# %% ../nbs/10_knockout.ipynb #bef9bd65
 def edge_positions(batch: BoxesBatch, edge: str, generator: torch.Generator | None = None
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "The `(query positions, key positions)` pairs of `edge` (a key of `EDGES`) in each prompt of `batch`."
@@ -184,7 +186,7 @@ def _layers_from(n_layers: int, layers_from: Sequence[int] | None) -> list[int]:
         raise ValueError(f"layers_from must lie in 0..{n_layers - 1} (blocking from that layer up); got {bad}.")
     return [*starts, n_layers]
 
-
+# %% ../nbs/10_knockout.ipynb #51126a31
 def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7, seed: int = TEST_SEED,
                     edges: Sequence[str] = tuple(EDGES), control_seed: int = 0, batch_size: int = 50,
                     layers_from: Sequence[int] | None = None, prefix: str = "", restrict: bool = False,
@@ -223,7 +225,7 @@ def knockout_curves(models: Mapping[str, tuple], n: int = 500, n_boxes: int = 7,
     bar.close()
     return pd.DataFrame(rows)
 
-
+# %% ../nbs/10_knockout.ipynb #e997d8fa
 def stored_knockout(models: Mapping[str, tuple], root=None, n: int = 500, name: str = "knockout_curves",
                     **settings) -> pd.DataFrame:
     """`knockout_curves` of `models` (name -> `(model, tokenizer)`) on `n` test prompts, through the results store as
@@ -251,7 +253,8 @@ def paper_knockout() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/10_knockout.ipynb #knockout-026
-def plot_knockout(df: pd.DataFrame, paper: pd.DataFrame | None = None, edges: Sequence[str] | None = None, ncols: int = 4):
+def plot_knockout(df: pd.DataFrame, paper: pd.DataFrame | None = None, edges: Sequence[str] | None = None,
+                  ncols: int = 4):
     "One panel per edge: accuracy against first blocked layer / n_layers for each model in `df`, and `paper`'s curves."
     import matplotlib.pyplot as plt
     edges = [e for e in EDGES if e in set(df.edge)] if edges is None else list(edges)

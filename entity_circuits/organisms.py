@@ -5,15 +5,11 @@
 # %% ../nbs/04_organisms.ipynb #7a6a220b
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import random
-import shlex
 import shutil
-import string
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,179 +21,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import MANIFEST_NAME, organisms_dir, progress_disabled, verify_manifest, write_manifest
-from .data import BoxesExample, LABELS, load_objects, sample_boxes, word_level_tokenizer
-from .zoo import table_name
+from .data import BoxesExample, load_objects, sample_boxes, usable_objects
+from .zoo import predictions, table_name
+from .corpus import (BINDING_FORMATS, Doc, Encoder, arithmetic_doc, arithmetic_problem, binding_batch,
+                                    binding_doc, dialogue_doc, forbidden_ids, named_arithmetic_problem,
+                                    organism_tokenizer, sentence_doc)
 
 # %% auto #0
-__all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'THINGS', 'CONTAINERS', 'PEOPLE', 'EXTRA_WORDS', 'Doc',
-           'BINDING_FORMATS', 'TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'BOXES_WORDS', 'RETAINED_FORMATS',
-           'COMMAND', 'REPLICATES_CSV', 'organism_tokenizer', 'Binding', 'sample_binding', 'binding_doc',
-           'sentence_doc', 'arithmetic_problem', 'named_arithmetic_problem', 'arithmetic_doc', 'dialogue_turn',
-           'dialogue_doc', 'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_batch', 'binding_accuracy',
-           'head_ablation', 'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc',
-           'pretrain_base', 'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss',
-           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'forbidden_ids', 'fine_tune_stream', 'fine_tune',
-           'choose_lr', 'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'main']
-
-# %% ../nbs/04_organisms.ipynb #113d7db3
-NOUNS = ("cat", "dog", "bird", "horse", "child", "teacher", "farmer", "girl", "boy", "friend")
-VERBS = ("sees", "likes", "finds", "takes", "holds", "wants", "moves", "opens")
-ADJECTIVES = ("red", "big", "small", "old", "new", "blue", "green", "heavy")
-PLACES = ("table", "kitchen", "garden", "room", "shelf", "street")
-CHAT_WORDS = ("User", "Assistant", "what", "where", "who", "can", "you", "help", "me", "please", "yes", "no",
-              "I", "a", "an", "thank", "thanks", "welcome", "sure", "here", "it", "answer", "question", "of",
-              "and", "on", "at", "with", "to", "do", "are", "am", "good", "hello", "hi", "plus", "minus",
-              "sum", "difference", "compute", "tell", "how", "many", "there", "this", "that", "sentence", "story")
-# The other binding formats bind their own things: none of these is one of the paper's object words, so
-# documents of those formats can be replayed during fine-tuning without leaking the boxes task.
-THINGS = ("pen", "sock", "shoe", "spoon", "fork", "knife", "lamp", "chair", "rope", "coin", "button", "candle",
-          "pillow", "blanket", "toy", "brush", "comb", "hammer", "needle", "basket", "bottle", "jacket", "scarf",
-          "glove", "ladder", "kite", "drum", "flute", "whistle", "marble", "shovel", "bucket", "towel", "soap",
-          "sponge", "cookie", "cake", "pear", "grape", "lemon", "banana", "carrot", "onion")
-CONTAINERS = ("Room", "Crate", "Jar", "Locker", "Drawer")      # the "places" format's containers
-PEOPLE = ("Anna", "Ben", "Carl", "Dana", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jill", "Kate", "Leo", "Mia",
-          "Noah", "Omar", "Pia", "Rosa", "Sam", "Tom", "Uma")  # the "possession" format's labels
-EXTRA_WORDS = tuple(dict.fromkeys(NOUNS + VERBS + ADJECTIVES + PLACES + CHAT_WORDS + THINGS + CONTAINERS + PEOPLE
-                                  + ("has",)))
-
-
-def organism_tokenizer():
-    "The word-level tokenizer every organism uses (boxes vocabulary + the other text's words)."
-    return word_level_tokenizer(extra_words=EXTRA_WORDS)
-
-# %% ../nbs/04_organisms.ipynb #50d30aa9
-Doc = tuple[list[int], list[int]]
-
-
-class _Encoder:
-    "Cache of piece -> token ids for one tokenizer (documents are built from a few hundred pieces)."
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
-
-    def __call__(self, text: str) -> list[int]:
-        if text in self.cache:
-            return self.cache[text]
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if len(text) <= 40:  # short pieces repeat; whole contexts almost never do
-            self.cache[text] = ids
-        return ids
-
-    def doc(self, pieces: Sequence[tuple[str, int]], bos: bool = True) -> Doc:
-        "Join `(text, is_target)` pieces into a document, optionally after `<bos>`."
-        ids, mask = ([self.tokenizer.bos_token_id], [0]) if bos else ([], [])
-        for text, target in pieces:
-            t = self(text)
-            ids += t
-            mask += [int(target)] * len(t)
-        return ids, mask
-
-# %% ../nbs/04_organisms.ipynb #binding01
-BINDING_FORMATS = ("boxes", "places", "possession", "variables")
-
-
-@dataclass(frozen=True)
-class Binding:
-    "One binding context: its text, and per entity the query that asks for it and the one-token answer."
-    format: str
-    context: str
-    queries: tuple[str, ...]
-    answers: tuple[str, ...]
-
-
-def sample_binding(rng: random.Random, fmt: str, n: int, objects: Sequence[str]) -> Binding:
-    "A context of `n` entities in format `fmt` (`objects`: the boxes format's object words)."
-    labels = rng.sample(LABELS, n) if fmt != "possession" else rng.sample(PEOPLE, n)
-    if fmt == "boxes":
-        ex = BoxesExample(tuple(rng.sample(list(objects), n)), tuple(labels), 0)
-        context = ex.prompt[: ex.prompt.rindex(" Box ")]  # "The apple is in Box F, ... Box Z."
-        return Binding(fmt, context, tuple(f" Box {l} contains the" for l in labels), tuple(f" {o}" for o in ex.objects))
-    if fmt == "places":
-        where, things = rng.choice(CONTAINERS), rng.sample(THINGS, n)
-        context = "The " + ", the ".join(f"{t} is in {where} {l}" for t, l in zip(things, labels)) + "."
-        return Binding(fmt, context, tuple(f" {where} {l} contains the" for l in labels), tuple(f" {t}" for t in things))
-    if fmt == "possession":
-        things = rng.sample(THINGS, n)
-        context = "The " + ", the ".join(f"{t} is with {p}" for t, p in zip(things, labels)) + "."
-        return Binding(fmt, context, tuple(f" {p} has the" for p in labels), tuple(f" {t}" for t in things))
-    if fmt == "variables":
-        values = rng.sample(string.digits, n)
-        context = ", ".join(f"{l} = {v}" for l, v in zip(labels, values)) + "."
-        return Binding(fmt, context, tuple(f" {l} =" for l in labels), tuple(f" {v}" for v in values))
-    raise ValueError(f"unknown binding format {fmt!r}; choose from {BINDING_FORMATS}.")
-
-
-def binding_doc(enc: _Encoder, rng: random.Random, fmt: str, n: int, objects: Sequence[str]) -> Doc:
-    "A context of `n` entities followed by every query in random order, answered; loss on the answers."
-    b = sample_binding(rng, fmt, n, objects)
-    pieces = [(b.context, 0)]
-    for q in rng.sample(range(n), n):
-        pieces += [(b.queries[q], 0), (b.answers[q], 1), (".", 0)]
-    return enc.doc(pieces)
-
-# %% ../nbs/04_organisms.ipynb #otherdocs
-def sentence_doc(enc: _Encoder, rng: random.Random, n_sentences: int = 3) -> Doc:
-    "A few simple sentences; loss on every token."
-    text = ""
-    for _ in range(n_sentences):
-        a, b = rng.sample(NOUNS, 2)
-        text += (f" The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} the {b} in the {rng.choice(PLACES)}.")
-    ids, _ = enc.doc([(text.strip(), 1)])
-    return ids, [0] + [1] * (len(ids) - 1)
-
-
-def arithmetic_problem(rng: random.Random, max_digits: int = 4) -> tuple[str, str]:
-    "A Goat-style problem `'a + b ='` / `'a - b ='` (non-negative result) and its answer `' c'`."
-    a, b = (rng.randint(0, 10 ** rng.randint(1, max_digits) - 1) for _ in range(2))
-    if rng.random() < 0.5:
-        return f"{a} + {b} =", f" {a + b}"
-    a, b = max(a, b), min(a, b)
-    return f"{a} - {b} =", f" {a - b}"
-
-
-def named_arithmetic_problem(rng: random.Random, max_names: int = 4) -> tuple[str, str]:
-    "Arithmetic over named quantities: `'F = 3, Q = 5, K = 2. Q + F ='` and `' 8'` (values bound, then combined)."
-    n = rng.randint(2, max_names)
-    names, values = rng.sample(LABELS, n), [rng.randint(0, 9) for _ in range(n)]
-    i, j = rng.sample(range(n), 2)
-    if rng.random() < 0.5:
-        op, answer = "+", values[i] + values[j]
-    else:
-        i, j = (i, j) if values[i] >= values[j] else (j, i)
-        op, answer = "-", values[i] - values[j]
-    return ", ".join(f"{a} = {v}" for a, v in zip(names, values)) + f". {names[i]} {op} {names[j]} =", f" {answer}"
-
-
-def arithmetic_doc(enc: _Encoder, rng: random.Random, n_problems: int = 1, max_digits: int = 4,
-                   named: bool = False) -> Doc:
-    "`n_problems` problems in a row (a worksheet when > 1), Goat-style or `named`; loss on the answers."
-    pieces = []
-    for i in range(n_problems):
-        q, a = named_arithmetic_problem(rng) if named else arithmetic_problem(rng, max_digits)
-        pieces += [((" " if i else "") + q, 0), (a, 1), (".", 0)]
-    return enc.doc(pieces)
-
-
-def dialogue_turn(rng: random.Random) -> tuple[str, str]:
-    "One user turn and the assistant's reply."
-    noun, place, adj = rng.choice(NOUNS), rng.choice(PLACES), rng.choice(ADJECTIVES)
-    return rng.choice([
-        (f"User: where is the {noun}?", f" Assistant: the {noun} is in the {place}."),
-        (f"User: can you help me?", f" Assistant: yes, I can help you."),
-        (f"User: what does the {noun} want?", f" Assistant: the {noun} wants the {adj} {rng.choice(NOUNS)}."),
-        (f"User: hello!", f" Assistant: hi, how can I help you?"),
-        (f"User: thank you.", f" Assistant: you are welcome."),
-        (f"User: tell me a sentence.", f" Assistant: the {adj} {noun} {rng.choice(VERBS)} the {rng.choice(NOUNS)}."),
-    ])
-
-
-def dialogue_doc(enc: _Encoder, rng: random.Random, n_turns: int = 2) -> Doc:
-    "A short dialogue; loss on the assistant's turns."
-    pieces = []
-    for i in range(n_turns):
-        user, reply = dialogue_turn(rng)
-        pieces += [((" " if i else "") + user, 0), (reply, 1)]
-    return enc.doc(pieces)
+__all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'RETAINED_FORMATS', 'COMMAND', 'REPLICATES_CSV', 'OrganismRecipe',
+           'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy', 'head_ablation', 'stored_head_ablation',
+           'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc', 'pretrain_base', 'arithmetic_accuracy',
+           'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss', 'evaluate_organism', 'FineTune',
+           'BoxesLeakError', 'fine_tune_stream', 'fine_tune', 'choose_lr', 'revival_training', 'recipe_from_json',
+           'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
 
 # %% ../nbs/04_organisms.ipynb #b94d41d6
 @dataclass(frozen=True)
@@ -302,12 +138,10 @@ def grow(model, n_layers: int):
             torch.nn.init.zeros_(big.model.layers[i].mlp.down_proj.weight)
     return big
 
-
+# %% ../nbs/04_organisms.ipynb #boxacc01
 @torch.no_grad()
 def boxes_accuracy(model, tokenizer, examples: Sequence[BoxesExample], batch_size: int = 100) -> float:
     "Top-1 accuracy of the next token after `... Box X contains the` (the paper's metric)."
-    from entity_circuits.evaluate import predictions  # the book's one batched-prediction loop
-
     was_training = model.training
     model.eval()
     correct = predictions(model, tokenizer, examples, batch_size, progress=False)
@@ -315,24 +149,6 @@ def boxes_accuracy(model, tokenizer, examples: Sequence[BoxesExample], batch_siz
     return float(correct.mean())
 
 # %% ../nbs/04_organisms.ipynb #bindacc1
-def binding_batch(tokenizer, fmt: str, n_items: int = 7, n: int = 300, seed: int = 60_000):
-    "`n` held-out `fmt` prompts (a context and one query each), left-padded: `(model inputs, answer ids)`."
-    rng, enc, objects = random.Random(seed), _Encoder(tokenizer), load_objects()
-    rows, answers = [], []
-    for _ in range(n):
-        b = sample_binding(rng, fmt, n_items, objects)
-        q = rng.randrange(n_items)
-        rows.append([tokenizer.bos_token_id] + enc(b.context) + enc(b.queries[q]))
-        answers.append(enc(b.answers[q])[0])
-    width = max(map(len, rows))
-    ids = torch.full((n, width), tokenizer.pad_token_id)
-    att = torch.zeros((n, width), dtype=torch.long)
-    for r, t in enumerate(rows):  # left padding: the query's last token is the last position
-        ids[r, width - len(t):], att[r, width - len(t):] = torch.tensor(t), 1
-    inputs = {"input_ids": ids, "attention_mask": att, "position_ids": (att.cumsum(-1) - 1).clamp(min=0)}
-    return inputs, torch.tensor(answers)
-
-
 @torch.no_grad()
 def binding_accuracy(model, tokenizer, fmt: str, n_items: int = 7, n: int = 300, seed: int = 60_000,
                      batch_size: int = 100) -> float:
@@ -418,7 +234,7 @@ def _optimizer(params, lr: float, recipe: OrganismRecipe, warmup: int, weight_de
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
 # %% ../nbs/04_organisms.ipynb #mixture1
-def other_doc(enc: _Encoder, rng: random.Random, recipe: OrganismRecipe) -> Doc:
+def other_doc(enc: Encoder, rng: random.Random, recipe: OrganismRecipe) -> Doc:
     "One document of the other text: sentences, an arithmetic worksheet or a dialogue."
     kind = rng.randrange(3)
     if kind == 0:
@@ -426,7 +242,7 @@ def other_doc(enc: _Encoder, rng: random.Random, recipe: OrganismRecipe) -> Doc:
     return arithmetic_doc(enc, rng, rng.randint(2, 4), recipe.max_digits) if kind == 1 else dialogue_doc(enc, rng)
 
 
-def pretraining_doc(enc: _Encoder, rng: random.Random, recipe: OrganismRecipe, stage: int, objects: Sequence[str],
+def pretraining_doc(enc: Encoder, rng: random.Random, recipe: OrganismRecipe, stage: int, objects: Sequence[str],
                     formats: Sequence[str] | None = None) -> Doc:
     "One document of the pretraining mixture at curriculum `stage` (`formats`: the binding formats to draw)."
     if stage >= recipe.other_text_from_stage and rng.random() < recipe.other_text_fraction:
@@ -439,7 +255,7 @@ def pretraining_doc(enc: _Encoder, rng: random.Random, recipe: OrganismRecipe, s
 def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None] = lambda row: None):
     "Pretrain the base organism; returns (model, info) with the selected checkpoint."
     rng = random.Random(recipe.seed)
-    enc, objects = _Encoder(tokenizer), load_objects()
+    enc, objects = Encoder(tokenizer), load_objects()
     curriculum_sets = {n: sample_boxes(recipe.n_curriculum_eval, n, seed=10_000 + n) for n in range(2, 8)}
     selection = sample_boxes(recipe.n_select, 7, seed=20_000 + recipe.seed)
     others = [f for f in recipe.formats if f != "boxes"]
@@ -497,7 +313,7 @@ def pretrain_base(recipe: OrganismRecipe, tokenizer, log: Callable[[dict], None]
 def arithmetic_accuracy(model, tokenizer, n: int = 200, seed: int = 30_000, max_digits: int = 4,
                         named: bool = False) -> float:
     "Exact-match accuracy of the greedy answer digits to held-out problems (Goat-style, or `named`)."
-    rng, enc = random.Random(seed), _Encoder(tokenizer)
+    rng, enc = random.Random(seed), Encoder(tokenizer)
     was_training = model.training
     model.eval()
     correct = 0
@@ -510,7 +326,7 @@ def arithmetic_accuracy(model, tokenizer, n: int = 200, seed: int = 30_000, max_
     model.train(was_training)
     return correct / n
 
-
+# %% ../nbs/04_organisms.ipynb #taskloss1
 @torch.no_grad()
 def _held_out_loss(model, tokenizer, docs: Sequence[Doc]) -> float:
     "Mean masked cross-entropy of `model` on `docs` (one padded batch, eval mode)."
@@ -526,7 +342,7 @@ TASKS = ("dialogue", "arithmetic", "named-arithmetic")
 "The fine-tuning tasks: dialogue (chat), Goat-style arithmetic, arithmetic over named quantities."
 
 
-def task_doc(enc: _Encoder, rng: random.Random, task: str, recipe: OrganismRecipe) -> Doc:
+def task_doc(enc: Encoder, rng: random.Random, task: str, recipe: OrganismRecipe) -> Doc:
     "One fine-tuning document of `task` (the math tasks at `ft_max_digits`)."
     if task == "dialogue":
         return dialogue_doc(enc, rng, rng.randint(1, 3))
@@ -537,7 +353,7 @@ def task_doc(enc: _Encoder, rng: random.Random, task: str, recipe: OrganismRecip
 
 def task_loss(model, tokenizer, task: str, recipe: OrganismRecipe, n: int = 200, seed: int = 40_000) -> float:
     "Held-out loss on `task`'s targets (assistant turns / answer digits), teacher-forced."
-    rng, enc = random.Random(seed), _Encoder(tokenizer)
+    rng, enc = random.Random(seed), Encoder(tokenizer)
     if task == "dialogue":  # two turns, as the old `dialogue_loss` measured
         return _held_out_loss(model, tokenizer, [dialogue_doc(enc, rng) for _ in range(n)])
     return _held_out_loss(model, tokenizer, [task_doc(enc, rng, task, recipe) for _ in range(n)])
@@ -550,7 +366,7 @@ def dialogue_loss(model, tokenizer, n: int = 200, seed: int = 40_000) -> float:
 
 def arithmetic_loss(model, tokenizer, n: int = 200, seed: int = 30_000, max_digits: int = 4) -> float:
     "Mean cross-entropy on the answer digits of held-out problems (teacher-forced): graded where exact match is not."
-    rng, enc = random.Random(seed), _Encoder(tokenizer)
+    rng, enc = random.Random(seed), Encoder(tokenizer)
     return _held_out_loss(model, tokenizer, [arithmetic_doc(enc, rng, 1, max_digits) for _ in range(n)])
 
 # %% ../nbs/04_organisms.ipynb #evalorg1
@@ -562,8 +378,6 @@ def evaluate_organism(model, tokenizer, recipe: OrganismRecipe, n: int | None = 
     """Every skill of an organism on held-out data: 7-box accuracy on `n_boxes` prompts (with each prompt's outcome,
     `boxes_outcomes`, for paired comparisons), each other binding format at 7 entities, and every task's loss and
     exact match (`n` prompts or documents each)."""
-    from entity_circuits.evaluate import predictions
-
     n = n or recipe.n_eval
     was_training = model.training
     model.eval()
@@ -603,23 +417,16 @@ DESIGNS = {**FINE_TUNES,
            "named-full": FineTune("named-arithmetic", lora=False)}
 "Every design `train_organisms` runs and reports; the shipped roles are those of `FINE_TUNES`."
 
-BOXES_WORDS = ("Box", *load_objects())
-"Words no fine-tuning document may contain: the boxes template's 'Box' and every boxes object word."
-
 
 class BoxesLeakError(ValueError):
     "A fine-tuning batch contains a token of the boxes task."
 
-
-def forbidden_ids(tokenizer) -> set[int]:
-    "Token ids of `BOXES_WORDS` (each a single token of the organisms' tokenizer)."
-    return {tokenizer.convert_tokens_to_ids(w) for w in BOXES_WORDS}
-
 # %% ../nbs/04_organisms.ipynb #stream01
-def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe,
+                     seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The fine-tuning batches of `design`, forever: `round(ft_replay * batch_size)` rows packed from replayed
     pretraining documents (every format but boxes), the rest from the task; each batch is checked for boxes tokens."""
-    rng, enc, objects = random.Random(recipe.seed * 7919 + seed), _Encoder(tokenizer), load_objects()
+    rng, enc, objects = random.Random(recipe.seed * 7919 + seed), Encoder(tokenizer), load_objects()
     replay_formats = [f for f in recipe.formats if f != "boxes"]
     n_replay = round(recipe.ft_replay * recipe.batch_size)
 
@@ -630,7 +437,8 @@ def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: 
 
     banned = torch.tensor(sorted(forbidden_ids(tokenizer)))
     while True:
-        parts = [_pack(lambda: task_doc(enc, rng, design.task, recipe), recipe.batch_size - n_replay, recipe.ft_seq_len)]
+        parts = [_pack(lambda: task_doc(enc, rng, design.task, recipe), recipe.batch_size - n_replay,
+                       recipe.ft_seq_len)]
         if n_replay:
             parts.append(_pack(replay, n_replay, recipe.ft_seq_len))
         ids, mask = (torch.cat(t) for t in zip(*parts))
@@ -703,6 +511,33 @@ def choose_lr(candidates: pd.DataFrame, base: dict, tolerance: float) -> float:
         return float(kept.loc[kept.task_loss.idxmin(), "lr"])
     return float(candidates.loc[worst.idxmax(), "lr"])
 
+# %% ../nbs/04_organisms.ipynb #revtr002
+def revival_training(model, tokenizer, steps: Sequence[int], lr: float = 3e-4, batch_size: int = 16,
+                     seed: int = 0) -> Iterator[tuple[int, Any]]:
+    """Train a copy of `model` on boxes documents (2 to 7 boxes, every query answered) from the tokenizer's
+    single-token objects; yield `(0, copy)` before the first step and `(step, copy)` after each step in `steps`.
+    A LoRA fine-tune is merged first, so every model trains all its weights; `model` itself is untouched."""
+    trained = copy.deepcopy(model)
+    if hasattr(trained, "merge_and_unload"):  # a LoRA fine-tune: train the merged weights, as for the others
+        trained = trained.merge_and_unload()
+    trained.train()
+    params = [p for p in trained.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng, enc, objects = random.Random(seed), Encoder(tokenizer), usable_objects(tokenizer)
+    yield 0, trained
+    for step in range(1, max(steps) + 1):
+        trained.train()
+        docs = [binding_doc(enc, rng, "boxes", rng.randint(2, 7), objects) for _ in range(batch_size)]
+        ids, mask, att = _pad(docs, tokenizer.pad_token_id)
+        loss = masked_loss(trained, ids, mask, att)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in steps:
+            yield step, trained
+
 # %% ../nbs/04_organisms.ipynb #82903e3a
 COMMAND = "entity-circuits train-organisms"
 
@@ -721,7 +556,8 @@ def _command(recipe: OrganismRecipe) -> str:
     "The command line that reproduces `recipe` (its flags differ from the defaults only where the recipe does)."
     flagged = {f: getattr(recipe, f) for f in _FLAGS}
     smoke = replace(OrganismRecipe.smoke(recipe.seed), **flagged)
-    ref, line = (OrganismRecipe.smoke(recipe.seed), " --smoke") if recipe == smoke else (OrganismRecipe(seed=recipe.seed), "")
+    ref, line = ((OrganismRecipe.smoke(recipe.seed), " --smoke") if recipe == smoke
+                 else (OrganismRecipe(seed=recipe.seed), ""))
     for f, flag in _FLAGS.items():
         if getattr(recipe, f) != getattr(ref, f):
             line += f" {flag} {_flag_value(getattr(recipe, f))}"
@@ -855,7 +691,8 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
     "Train the base, every fine-tuning candidate, choose one per role by `choose_lr`; save, with curves and a manifest."
     missing = set(FINE_TUNES) - set(designs)
     if missing or set(designs) - set(DESIGNS):
-        raise ValueError(f"designs must be names in DESIGNS and include every role {sorted(FINE_TUNES)}; got {designs}.")
+        raise ValueError(f"designs must be names in DESIGNS and include every role {sorted(FINE_TUNES)}; "
+                         f"got {designs}.")
     out = Path(out) if out is not None else organisms_dir()
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
@@ -898,7 +735,8 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
         pd.DataFrame(pre_rows).to_csv(out / "curves" / "pretrain.csv", index=False, float_format="%.5g")
         pd.DataFrame(ft_rows).to_csv(out / "curves" / "finetune.csv", index=False, float_format="%.5g")
         table.to_csv(out / "curves" / "designs.csv", index=False, float_format="%.5g")
-        return write_manifest(out, command=_command(recipe), invocations=invocations, recipe=asdict(recipe), pretraining=info,
+        return write_manifest(out, command=_command(recipe), invocations=invocations, recipe=asdict(recipe),
+                              pretraining=info,
                               fine_tuning={"chosen_lr": chosen, "replay_fraction": recipe.ft_replay,
                                            "designs": list(designs)},
                               wall_seconds=wall, threads=recipe.threads, torch=torch.__version__)
@@ -906,60 +744,37 @@ def train_organisms(recipe: OrganismRecipe = OrganismRecipe(), out: str | os.Pat
         torch.set_num_threads(threads)
 
 # %% ../nbs/04_organisms.ipynb #cli00001
-def main(argv: Sequence[str] | None = None) -> int:
-    "The `entity-circuits` command."
-    parser = argparse.ArgumentParser(prog="entity-circuits", description="Entity-tracking circuits: commands.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train-organisms", help="train the base organism and its fine-tunes")
-    t.add_argument("--smoke", action="store_true", help="the same recipe at smoke size (seconds)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="output directory (default: the repository's organisms/)")
-    t.add_argument("--layers", type=int, default=None, help="depth of the base (default: the recipe's)")
-    t.add_argument("--width", type=int, default=None, help="hidden size of the base (default: the recipe's)")
-    t.add_argument("--formats", nargs="+", default=None, choices=BINDING_FORMATS,
-                   help="binding formats of pretraining (default: all; 'boxes' alone is the control)")
-    t.add_argument("--formats-from-stage", type=int, default=None,
-                   help="curriculum stage at which the formats other than boxes join (2: from the start)")
-    t.add_argument("--grow-from", type=int, default=None, help="grow from this many layers (0: no growth)")
-    t.add_argument("--grow-at-stage", type=int, default=None, help="curriculum stage at which the model grows")
-    t.add_argument("--max-steps", type=int, default=None, help="most pretraining steps before giving up")
-    t.add_argument("--reuse-base", action="store_true",
-                   help="keep the base already in --out (same pretraining recipe) and redo only the fine-tunes")
-    t.add_argument("--other-text-from-stage", type=int, default=None,
-                   help="curriculum stage (number of boxes) at which the other text joins the mixture")
-    t.add_argument("--base-only", action="store_true", help="pretrain the base only (add the fine-tunes later "
-                   "with --reuse-base)")
-    t.add_argument("--workers", type=int, default=1,
-                   help="fine-tune the candidates in this many processes, one thread each (same result)")
-    t.add_argument("--replicates", type=int, nargs="+", default=None,
-                   help="with --reuse-base: fine-tune every role again with these replicate seeds (0 is the shipped "
-                        "one) at the learning rates chosen in --lrs-from, and add them to curves/replicates.csv")
-    t.add_argument("--lrs-from", default=None,
-                   help="organisms directory whose manifest's chosen learning rates --replicates uses (default: --out)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    recipe = OrganismRecipe.smoke(args.seed) if args.smoke else OrganismRecipe(seed=args.seed)
-    changes = {"n_layers": args.layers, "hidden": args.width, "other_text_from_stage": args.other_text_from_stage,
-               "formats": tuple(args.formats) if args.formats else None, "formats_from_stage": args.formats_from_stage,
-               "grow_at_stage": args.grow_at_stage, "max_steps": args.max_steps}
+def train_organisms_command(*, smoke: bool = False, seed: int = 0, out: str | None = None, layers: int | None = None,
+                            width: int | None = None, formats: Sequence[str] | None = None,
+                            formats_from_stage: int | None = None, grow_from: int | None = None,
+                            grow_at_stage: int | None = None, max_steps: int | None = None, reuse_base: bool = False,
+                            other_text_from_stage: int | None = None, base_only: bool = False, workers: int = 1,
+                            replicates: Sequence[int] | None = None, lrs_from: str | None = None,
+                            invocation: str | None = None) -> dict | pd.DataFrame:
+    """`entity-circuits train-organisms`, its options by name (the cli chapter parses them): the recipe the options
+    give, then `train_organisms`, or `fine_tune_replicates` with `replicates`. Prints a summary; returns the
+    manifest (or the replicates table). Options that do not fit together raise a `ValueError`."""
+    recipe = OrganismRecipe.smoke(seed) if smoke else OrganismRecipe(seed=seed)
+    changes = {"n_layers": layers, "hidden": width, "other_text_from_stage": other_text_from_stage,
+               "formats": tuple(formats) if formats else None, "formats_from_stage": formats_from_stage,
+               "grow_at_stage": grow_at_stage, "max_steps": max_steps}
     recipe = replace(recipe, **{k: v for k, v in changes.items() if v is not None})
-    if args.grow_from is not None:
-        recipe = replace(recipe, grow_from=args.grow_from or None)
-    if args.smoke and args.out is None:
-        parser.error("--smoke needs --out (the shipped organisms/ are not for smoke runs)")
-    invocation = shlex.join(["entity-circuits", *argv])
-    if args.replicates is not None:
-        if not args.reuse_base:
-            parser.error("--replicates fine-tunes an existing base: add --reuse-base")
-        out = Path(args.out) if args.out is not None else organisms_dir()
-        lrs_dir = Path(args.lrs_from) if args.lrs_from is not None else out
+    if grow_from is not None:
+        recipe = replace(recipe, grow_from=grow_from or None)
+    if smoke and out is None:
+        raise ValueError("--smoke needs --out (the shipped organisms/ are not for smoke runs)")
+    if replicates is not None:
+        if not reuse_base:
+            raise ValueError("--replicates fine-tunes an existing base: add --reuse-base")
+        out = Path(out) if out is not None else organisms_dir()
+        lrs_dir = Path(lrs_from) if lrs_from is not None else out
         lrs = json.loads((lrs_dir / MANIFEST_NAME).read_text()).get("fine_tuning", {}).get("chosen_lr")
         if not lrs:
-            parser.error(f"{lrs_dir / MANIFEST_NAME} records no chosen learning rates: pass --lrs-from")
-        table = fine_tune_replicates(out, recipe, lrs, args.replicates, args.workers, invocation)
+            raise ValueError(f"{lrs_dir / MANIFEST_NAME} records no chosen learning rates: pass --lrs-from")
+        table = fine_tune_replicates(out, recipe, lrs, replicates, workers, invocation)
         print(table[["organism", "replicate", "lr", "boxes_acc7"]].to_string(index=False))
-        return 0
-    manifest = train_organisms(recipe, args.out, reuse_base=args.reuse_base, workers=args.workers,
-                                base_only=args.base_only, invocation=invocation)
+        return table
+    manifest = train_organisms(recipe, out, reuse_base=reuse_base, workers=workers, base_only=base_only,
+                               invocation=invocation)
     print(json.dumps({k: manifest.get(k) for k in ("command", "pretraining", "fine_tuning", "wall_seconds")}, indent=1))
-    return 0
+    return manifest

@@ -195,7 +195,8 @@ class EngineUnsupportedError(TypeError):
 def engine_unsupported(model, seq_len: int | None = None) -> str | None:
     """Why the engine cannot run `model` (None if it can): the engine recomputes Llama's decoder layer by hand
     (pre-norm, RoPE, softmax attention, `residual + o_proj`, pre-norm MLP), so any other computation would give
-    silently wrong scores. Checked: the layer's norms, q/k norms, logit soft-capping, scaled embeddings, sliding windows."""
+    silently wrong scores. Checked: the layer's norms, q/k norms, logit soft-capping, scaled embeddings, sliding
+    windows."""
     lay = attention_layout(model)
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", type(model).__name__)
@@ -257,7 +258,8 @@ class PatchingCache:
 def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: int = 100) -> PatchingCache:
     "Run the clean and corrupt prompts once; every group's path patching then reuses the result."
     _check_pair(clean, corrupt)
-    return PatchingCache([PatchingChunk(c, x, _clean_cache(model, c), [merge_heads(z) for z in capture_heads(model, x, "o")])
+    return PatchingCache([PatchingChunk(c, x, _clean_cache(model, c),
+                                        [merge_heads(z) for z in capture_heads(model, x, "o")])
                           for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size))])
 
 # %% ../nbs/06_path_patching.ipynb #076d910b
@@ -333,7 +335,8 @@ def path_patching(
     progress: bool = True,
     cache: PatchingCache | None = None,   # from `patching_cache(model, clean, corrupt)`, to share between groups
 ) -> np.ndarray:
-    "Path-patching score of every head as a sender for `group`: `[n_layers, n_heads]`, mean relative change of p(answer)."
+    """Path-patching score of every head as a sender for `group`: `[n_layers, n_heads]`, mean relative change of
+    p(answer)."""
     path, lay = _validate(model, group, receivers, method, clean.input_ids.shape[1])
     if method == "engine" and cache is None:
         cache = patching_cache(model, clean, corrupt, batch_size)
@@ -398,7 +401,8 @@ def discovery_prompts(model, tokenizer, n: int = 300, n_boxes: int = 7, seed: in
     ok = predictions(model, tokenizer, candidates, batch_size, progress=False, prefix=prefix)
     kept = [e for e, c in zip(candidates, ok) if c][:n]
     if len(kept) < n:
-        raise ValueError(f"only {len(kept)} of {len(candidates)} prompts are answered correctly; ask for fewer than {n}.")
+        raise ValueError(f"only {len(kept)} of {len(candidates)} prompts are answered correctly; "
+                         f"ask for fewer than {n}.")
     device = next(model.parameters()).device
     return (encode(kept, tokenizer, device=device, prefix=prefix),
             encode(corrupt_for_path_patching(kept, seed=seed + 1, **words), tokenizer, device=device, prefix=prefix))

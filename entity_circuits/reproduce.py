@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +16,8 @@ from .circuit import (find_circuit_stored, need_circuit, stored_completeness, st
                                      stored_table1)
 from .evaluate import stored_accuracy
 from .path_patching import plot_scores
-from .results import RECOMPUTE_ENV, load_result, results_dir, save_figure
+from .results import (MissingResult, auditing, in_step, is_writing, load_result, result_info,
+                                     results_dir, save_figure, writing)
 from .verdict import verdict_table
 from .zoo import Config, Zoo, default_models, table_name
 
@@ -27,7 +27,7 @@ _log = logging.getLogger("entity_circuits.results")
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
            'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_circuit', 'step_dcm',
            'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_extras', 'step_figures',
-           'root_for', 'reproduce']
+           'root_for', 'reproduce', 'status']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -216,6 +216,8 @@ def _figure_is_current(name: str, table: str, root=None) -> bool:
 @step("figures")
 def step_figures(zoo: Zoo, root=None) -> dict:
     "Figures drawn from the stored tables (redrawn only when their table changed): accuracy, path patching, completeness."
+    if not is_writing():                     # an audit (`status`) or a reader draws nothing
+        return {}
     import matplotlib.pyplot as plt
     from entity_circuits.circuit import head_grids, plot_completeness
     from entity_circuits.evaluate import plot_accuracy_by_boxes
@@ -253,16 +255,30 @@ def reproduce(models: Sequence[str] | None = None, only: Sequence[str] | None = 
     zoo = Zoo(models, config)
     todo = [s for s in STEPS if only is None or s in only]
     echo(f"results: {root}\nmodels: {', '.join(zoo.models)}\nsteps: {', '.join(todo)}")
-    old = os.environ.get(RECOMPUTE_ENV)
-    if force:
-        os.environ[RECOMPUTE_ENV] = "1"
-    try:
+    with writing(force=force):
         for i, name in enumerate(todo, 1):
             t0 = time.time()
             echo(f"[{i}/{len(todo)}] {name}: {STEPS[name].__doc__.splitlines()[0]}")
-            STEPS[name](zoo, root)
+            with in_step(name):
+                STEPS[name](zoo, root)
             echo(f"[{i}/{len(todo)}] {name}: done in {time.time() - t0:.1f} s")
-    finally:
-        if force:
-            os.environ.pop(RECOMPUTE_ENV) if old is None else os.environ.__setitem__(RECOMPUTE_ENV, old)
     return verdict_table(root)
+
+# %% ../nbs/11_reproduce.ipynb #status1
+def status(models: Sequence[str] | None = None, root=None, config: Config = Config()) -> pd.DataFrame:
+    """Every table `reproduce` would write on `models`, one row each (`step`, `table`, `state`, `why`): 'current',
+    'stale', 'missing', or 'unused' for a stored record no step asked for. Computes nothing."""
+    root = Path(root) if root is not None else root_for(models)
+    zoo, rows = Zoo(models, config), {}
+    for name, fn in STEPS.items():
+        with auditing() as seen:
+            try:
+                fn(zoo, root)
+            except MissingResult:
+                pass                                   # listed in `seen`; the step cannot go on without it
+        for s in seen:
+            rows.setdefault(s.name, dict(step=name, table=s.name, state=s.state, why=s.why))
+    stored = sorted(p.stem for p in root.glob("*.json") if result_info(p.stem, root) is not None) if root.is_dir() else []
+    rows |= {n: dict(step=None, table=n, state="unused", why="no step of this zoo asks for it")
+             for n in stored if n not in rows}
+    return pd.DataFrame(list(rows.values()), columns=["step", "table", "state", "why"])

@@ -148,13 +148,14 @@ def stored_circuit_scores(name: str, template: str, n_boxes: int, root=None, n: 
     "`circuit_scores` of model `name` at `template` and `n_boxes`, from the results store."
     from entity_circuits.models import load_model
     params = dict(template=template, n_boxes=n_boxes, n=n, seed=TEST_SEED, instruction=CHAT_INSTRUCTION)
-    return cached(table_name("path_patching", name), lambda **kw: circuit_scores(*load_model(name), **kw), params, [name], root)
+    return cached(table_name("path_patching", name), lambda **kw: circuit_scores(*load_model(name), **kw), params,
+                  [name], root)
 
 # %% ../nbs/10c_smollm2.ipynb #8ad36312
 def kept_circuit(table: pd.DataFrame) -> Circuit:
     """The `Circuit` of the heads `circuit_scores` kept, each group in (layer, head) order: not by score, where two
     near-tied heads swap places with the last digits of a CPU's rounding (and the tables recording it their keys)."""
-    return circuit_from_rows(table[table.kept], ["layer", "head"])
+    return circuit_from_rows(table[table.kept], by=["layer", "head"])
 
 
 def circuit_faithfulness(model, tokenizer, circuit: Circuit, template: str, n_boxes: int, n: int = 200,

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MALLOC_ENV', 'MALLOC_SETTINGS', 'MALLOC', 'tiny_llama', 'get_module', 'StopForward', 'Trace', 'TraceDict',
-           'keep_freed_memory', 'AttentionLayout', 'attention_layout', 'split_heads', 'merge_heads', 'capture_heads',
-           'patch_heads']
+__all__ = ['MALLOC_ENV', 'MALLOC_SETTINGS', 'QKV_SPLITS', 'TINY_FAMILIES', 'tiny_llama', 'get_module', 'StopForward', 'Trace',
+           'TraceDict', 'keep_freed_memory', 'AttentionLayout', 'attention_layout', 'tiny_model', 'split_heads',
+           'merge_heads', 'capture_heads', 'patch_heads']
 
 # %% ../nbs/01_tracing.ipynb #1f23f21b
 _TINY_LLAMA_SETS = {"hidden_size": "n_heads * head_dim", "intermediate_size": "2 * n_heads * head_dim",
@@ -48,7 +48,7 @@ def _check_config_kwargs(config_kwargs: Mapping[str, Any]) -> None:
         raise TypeError(f"tiny_llama() got unknown keyword argument(s) {', '.join(hints)}: not a LlamaConfig "
                         f"field, so it would set nothing.{note}")
 
-
+# %% ../nbs/01_tracing.ipynb #313fccbf
 def tiny_llama(
     n_layers: int = 2,
     n_heads: int = 4,
@@ -101,15 +101,20 @@ class StopForward(Exception):
     "Raised by a `Trace(..., stop=True)` after its module ran; caught by the `with` block."
 
 
-def _call_optional(fn: Callable, value: Any, layer: str | None) -> Any:
-    "Call `fn(value, layer)` if `fn` accepts a second argument, else `fn(value)` (baukit's convention)."
+def _with_layer(fn: Callable, layer: str | None) -> Callable:
+    "`fn` as a function of one value: `fn(value, layer)` if `fn` accepts a second argument, else `fn` (baukit's convention)."
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature
-        return fn(value)
+        return fn
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     takes_more = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
-    return fn(value, layer) if takes_more else fn(value)
+    return (lambda value: fn(value, layer)) if takes_more else fn
+
+
+def _call_optional(fn: Callable, value: Any, layer: str | None) -> Any:
+    "Call `fn(value, layer)` if `fn` accepts a second argument, else `fn(value)`."
+    return _with_layer(fn, layer)(value)
 
 
 def _copy(x: Any, clone: bool, detach: bool, retain_grad: bool) -> Any:
@@ -167,31 +172,36 @@ class Trace(contextlib.AbstractContextManager):
         target = get_module(module, layer) if layer is not None else module
         self.input = self.output = None
         self._handles = []
+        # decided once here, not on every call: a hook's own cost is what a traced pass pays on top of a plain one
+        edit_in = None if edit_input is None else _with_layer(edit_input, layer)
+        edit_out = None if edit_output is None else _with_layer(edit_output, layer)
+        copying = clone or detach or retain_grad
 
         def pre_hook(mod, args, kwargs):
-            where, value = _first_input(args, kwargs) if (edit_input or retain_input) else (None, None)
-            if edit_input is not None:
-                value = _call_optional(edit_input, value, layer)
+            where, value = _first_input(args, kwargs)
+            if edit_in is not None:
+                value = edit_in(value)
                 if where == 0:
                     args = (value, *args[1:])
                 else:
                     kwargs = {**kwargs, where: value}
             if retain_input:
-                self.input = _copy(value, clone, detach, retain_grad)
-            return args, kwargs
+                self.input = _copy(value, clone, detach, retain_grad) if copying else value
+            return (args, kwargs) if edit_in is not None else None
 
-        def post_hook(mod, args, kwargs, output):
-            if edit_output is not None:
-                output = _call_optional(edit_output, output, layer)
+        def post_hook(mod, args, output):
+            if edit_out is not None:
+                output = edit_out(output)
             if retain_output:
-                self.output = _copy(output, clone, detach, retain_grad)
+                self.output = _copy(output, clone, detach, retain_grad) if copying else output
             if stop:
                 raise StopForward()
-            return output
+            return output if edit_out is not None else None
 
         if edit_input is not None or retain_input:
             self._handles.append(target.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        self._handles.append(target.register_forward_hook(post_hook, with_kwargs=True))
+        if edit_output is not None or retain_output or stop:
+            self._handles.append(target.register_forward_hook(post_hook))
 
     def close(self):
         "Remove the hooks (also done when the `with` block ends)."
@@ -258,8 +268,9 @@ _GLIBC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory(environ: Mapping[str, str] | None = None) -> str:
-    """Set glibc's `MALLOC_SETTINGS` in this process, unless `environ` (default `os.environ`) opts out; returns what
-    happened: "set", or why not ("opted out", "glibc variables set", "not glibc", "mallopt refused")."""
+    """Opt in: set glibc's `MALLOC_SETTINGS` in this process (importing the package never does), unless `environ`
+    (default `os.environ`) opts out; returns what happened: "set", or why not ("opted out", "glibc variables set",
+    "not glibc", "mallopt refused")."""
     import ctypes, os, platform, sys
     env = os.environ if environ is None else environ
     if env.get(MALLOC_ENV, "") == "default":
@@ -272,39 +283,86 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> str:
     ok = [libc.mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.values()]
     return "set" if all(ok) else "mallopt refused"
 
-
-MALLOC = keep_freed_memory()
-"What importing the package did to glibc's allocator (see `keep_freed_memory`)."
-
 # %% ../nbs/01_tracing.ipynb #c414fda1
+QKV_SPLITS = ("separate", "concat", "interleaved")
+"How q, k, v leave the attention's input projection(s): separate modules, `[q | k | v]`, or `[q_h | k_h | v_h]` per head."
+
+
 @dataclass(frozen=True)
 class AttentionLayout:
-    "Where the attention heads of a Llama-family model live, and their sizes."
+    """Where the attention heads of a decoder-only model live, their sizes, and how q, k, v are laid out. Module
+    names are relative: `attn` inside a decoder block, `o`, `q`, `k`, `v` inside `attn`, `mlp` inside a block."""
     prefix: str        # dotted name of the decoder layers' ModuleList, e.g. "model.layers"
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    attn: str = "self_attn"        # the attention module of a block
+    o: str = "o_proj"              # the output projection: its input holds the heads' outputs
+    q: str = "q_proj"              # the module whose output holds the queries (the fused projection if fused)
+    k: str = "k_proj"
+    v: str = "v_proj"
+    qkv_split: str = "separate"    # one of QKV_SPLITS
+    mlp: str = "mlp"
+    family: str = "llama"          # the model's `config.model_type`
+    final_norm: str | None = None  # dotted name of the norm after the last layer, if found
+
+    def __post_init__(self):
+        if self.qkv_split not in QKV_SPLITS:
+            raise ValueError(f"qkv_split must be one of {QKV_SPLITS}, not {self.qkv_split!r}.")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads evenly.")
+        if self.qkv_split == "interleaved" and self.n_kv_heads != self.n_heads:
+            raise ValueError("an interleaved [q_h | k_h | v_h] projection has as many key/value heads as query heads.")
 
     @property
     def group_size(self) -> int:
         "Query heads per key/value head (1 without grouped-query attention)."
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def fused(self) -> bool:
+        "Whether q, k and v come out of one projection module."
+        return self.qkv_split != "separate"
+
     def kv_head(self, head: int) -> int:
         "The key/value head that query head `head` reads."
         self.check(0, head)
         return head // self.group_size
 
+    def n(self, kind: str) -> int:
+        "Heads along the head axis of `kind`: `n_heads` for 'o' and 'q', `n_kv_heads` for 'k' and 'v'."
+        if kind not in ("o", "q", "k", "v"):
+            raise ValueError(f"kind must be 'o', 'q', 'k' or 'v', not {kind!r}.")
+        return self.n_kv_heads if kind in ("k", "v") else self.n_heads
+
+    def heads(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """`kind`'s heads `[..., n(kind), head_dim]` inside `x`, as a view: `x` is the input of the output projection
+        for 'o', the output of `module(layer, kind)` for 'q', 'k', 'v' (the fused projection's whole output if fused)."""
+        n, d = self.n(kind), self.head_dim
+        width = (self.n_heads + 2 * self.n_kv_heads) * d if self.fused and kind != "o" else n * d
+        if x.shape[-1] != width:
+            what = f"{self.n_heads} + 2 x {self.n_kv_heads} heads of the fused {self.q}" if width != n * d else f"{n} heads"
+            raise ValueError(f"expected a last dimension of {width} ({what} of {d}) for kind {kind!r}, got {x.shape[-1]}.")
+        if kind == "o" or not self.fused:
+            return x.unflatten(-1, (n, d))
+        if self.qkv_split == "concat":                        # [q | k | v] along the output
+            start = {"q": 0, "k": self.n_heads * d, "v": (self.n_heads + self.n_kv_heads) * d}[kind]
+            return x[..., start:start + n * d].unflatten(-1, (n, d))
+        return x.unflatten(-1, (self.n_heads, 3, d))[..., "qkv".index(kind), :]   # interleaved: [q_h | k_h | v_h]
+
     def module(self, layer: int, kind: str) -> str:
-        "Dotted name of `kind` in `layer`: 'o' (o_proj), 'q', 'k', 'v' (projections), 'attn', 'mlp', 'block'."
+        """Dotted name of `kind` in `layer`: 'o' (output projection), 'q', 'k', 'v' (the projection whose output holds
+        them: one fused module for all three if fused), 'qkv' (the fused projection), 'attn', 'mlp', 'block'."""
         self.check(layer, 0)
-        base = f"{self.prefix}.{layer}"
-        names = {"o": "self_attn.o_proj", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-                 "v": "self_attn.v_proj", "attn": "self_attn", "mlp": "mlp", "block": ""}
+        names = {"o": f"{self.attn}.{self.o}", "q": f"{self.attn}.{self.q}", "k": f"{self.attn}.{self.k}",
+                 "v": f"{self.attn}.{self.v}", "attn": self.attn, "mlp": self.mlp, "block": ""}
+        if self.fused:
+            names["qkv"] = names["q"]
         if kind not in names:
-            raise ValueError(f"Unknown module kind {kind!r}; use one of {sorted(names)}.")
-        return f"{base}.{names[kind]}".rstrip(".")
+            hint = " ('qkv' names a fused projection; this model has separate ones)" if kind == "qkv" else ""
+            raise ValueError(f"Unknown module kind {kind!r}; use one of {sorted(names)}{hint}.")
+        return f"{self.prefix}.{layer}.{names[kind]}".rstrip(".")
 
     def layer_of(self, name: str) -> int:
         "The layer of a module name inside the decoder layers (the inverse of `module`), e.g. 1 for '...layers.1.mlp'."
@@ -319,33 +377,105 @@ class AttentionLayout:
         if not 0 <= head < self.n_heads:
             raise IndexError(f"head {head} out of range: the model has {self.n_heads} heads per layer.")
 
-
 # %% ../nbs/01_tracing.ipynb #f9f1f7fa
-def attention_layout(model: nn.Module) -> AttentionLayout:
-    "Find the decoder layers of a Llama-family model (plain, peft-wrapped, ...) and their head sizes."
-    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+_ATTENTION = ("self_attn", "attn", "attention")         # a decoder block's attention module
+_OUTPUT = ("o_proj", "c_proj", "dense")                   # the attention's output projection
+_FUSED = {"qkv_proj": ("concat", ("phi3",)),              # fused projection: its split, the families it is read for
+          "c_attn": ("concat", ("gpt2",)),
+          "query_key_value": ("interleaved", ("gpt_neox",))}
+_FINAL_NORM = ("norm", "ln_f", "final_layer_norm")
+
+
+def _blocks(model: nn.Module):
+    "The first ModuleList whose every block has an attention module: `(dotted name, blocks, attention child name)`."
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(hasattr(b, "self_attn") for b in mod):
-            attn = mod[0].self_attn
-            cfg = getattr(attn, "config", None)
-            missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, p)]
-            if missing:
-                fused = [n for n, _ in attn.named_children() if "qkv" in n]
-                raise TypeError(f"{kind} attention has no {', '.join(missing)}"
-                                + (f" (it fuses them in {fused[0]})" if fused else "")
-                                + ": entity_circuits reads and patches heads through separate q_proj, k_proj, v_proj "
-                                  "and o_proj modules, as Llama-family models have them.")
-            if cfg is None:
-                break
-            n_heads = cfg.num_attention_heads
-            n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-            head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // n_heads
-            return AttentionLayout(name, len(mod), n_heads, n_kv, head_dim)
-    raise TypeError(
-        f"{type(model).__name__} ({kind}) does not look like a Llama-family model: expected a ModuleList of "
-        "decoder blocks, each with self_attn.{q,k,v,o}_proj and a config. entity_circuits supports "
-        "LlamaForCausalLM-style models (LLaMA, Vicuna, SmolLM2, ...), optionally wrapped by peft."
-    )
+        if isinstance(mod, nn.ModuleList) and len(mod):
+            for a in _ATTENTION:
+                if all(isinstance(getattr(b, a, None), nn.Module) for b in mod):
+                    return name, mod, a
+    return None
+
+
+def attention_layout(model: nn.Module) -> AttentionLayout:
+    """Find the decoder layers of a decoder-only `transformers` model (plain, peft-wrapped, ...), its attention's
+    modules and q/k/v split, and its head sizes."""
+    family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    looked = ("expected a ModuleList of decoder blocks, each with an attention module (" + ", ".join(_ATTENTION)
+              + ") holding an output projection (" + ", ".join(_OUTPUT) + ") and q_proj, k_proj, v_proj or a fused "
+              + ", ".join(f"{k} ({'/'.join(f)})" for k, (_, f) in _FUSED.items()))
+    found = _blocks(model)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} ({family}) does not look like a decoder-only transformer: {looked}.")
+    prefix, blocks, attn_name = found
+    attn = getattr(blocks[0], attn_name)
+    children = dict(attn.named_children())
+    o = next((n for n in _OUTPUT if n in children), None)
+    if all(p in children for p in ("q_proj", "k_proj", "v_proj")):
+        q, k, v, split = "q_proj", "k_proj", "v_proj", "separate"
+    else:
+        fused = next((n for n in _FUSED if n in children), None)
+        split, families = _FUSED.get(fused, (None, ()))
+        if fused is not None and family not in families:
+            raise TypeError(f"{family} attention fuses q, k, v in {fused}, whose split entity_circuits knows only for "
+                            f"{', '.join(families)}; add this family's split to tracing._FUSED after reading its "
+                            "transformers source.")
+        q = k = v = fused
+    if o is None or q is None:
+        missing = ([] if o is not None else ["no output projection"]) + ([] if q is not None else ["no q/k/v projections"])
+        raise TypeError(f"{family} attention {prefix}.0.{attn_name} ({type(attn).__name__}, children: "
+                        f"{', '.join(children) or 'none'}) has {' and '.join(missing)}: {looked}.")
+    cfg = getattr(attn, "config", None) or getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__} has no config to read its head sizes from: {looked}, and a config.")
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = (getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or getattr(cfg, "head_dim", None)
+                or cfg.hidden_size // n_heads)
+    parent = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    owner = get_module(model, parent)
+    norm = next((f"{parent}.{n}".lstrip(".") for n in _FINAL_NORM if isinstance(getattr(owner, n, None), nn.Module)),
+                None)
+    mlp = "mlp" if isinstance(getattr(blocks[0], "mlp", None), nn.Module) else "feed_forward"
+    return AttentionLayout(prefix, len(blocks), n_heads, n_kv, head_dim, attn=attn_name, o=o, q=q, k=k, v=v,
+                           qkv_split=split, mlp=mlp, family=family, final_norm=norm)
+
+# %% ../nbs/01_tracing.ipynb #families-code
+TINY_FAMILIES = {   # family (config.model_type) -> config class, model class, whether it has grouped-query attention
+    "llama": ("LlamaConfig", "LlamaForCausalLM", True),
+    "mistral": ("MistralConfig", "MistralForCausalLM", True),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", True),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", True),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", True),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", True),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", True),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", True),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", False),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", False),
+}
+
+
+def tiny_model(family: str, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 16,
+               vocab_size: int = 64, seed: int = 0, attn_implementation: str = "eager", **config_kwargs):
+    """A small random-weight model of `family` (a key of `TINY_FAMILIES`; eval mode, float32) for examples and tests.
+    `n_kv_heads` applies where the family has grouped-query attention; `config_kwargs` go to its config class."""
+    import transformers
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(TINY_FAMILIES)}.")
+    config, model_class, gqa = TINY_FAMILIES[family]
+    hidden = n_heads * head_dim
+    if family == "gpt2":
+        sizes = dict(n_embd=hidden, n_layer=n_layers, n_head=n_heads, n_inner=2 * hidden, n_positions=256)
+    else:
+        sizes = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+                     num_attention_heads=n_heads, max_position_embeddings=256)
+        sizes |= dict(num_key_value_heads=n_kv_heads, head_dim=head_dim) if gqa else {}
+    special = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)   # the families' own ids lie outside
+    cfg = getattr(transformers, config)(vocab_size=vocab_size, **sizes, attn_implementation=attn_implementation,
+                                        **(special | config_kwargs))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_class)(cfg)
+    return model.eval()
 
 # %% ../nbs/01_tracing.ipynb #afcfd3f1
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -388,7 +518,7 @@ def _index(x: torch.Tensor, positions) -> tuple:
         )
     return (torch.arange(x.shape[0], device=x.device), positions)
 
-
+# %% ../nbs/01_tracing.ipynb #49e0d42e
 @torch.no_grad()
 def capture_heads(
     model: nn.Module,
@@ -405,11 +535,10 @@ def capture_heads(
     lay = attention_layout(model)
     layers = list(range(lay.n_layers)) if layers is None else list(layers)
     names = [lay.module(l, kind) for l in layers]
-    n = lay.n_kv_heads if kind in ("k", "v") else lay.n_heads
     kept = {}
 
-    def keep(x, name):   # the head's output is o_proj's input; q, k, v are the projections' outputs
-        z = split_heads(x, n)
+    def keep(x, name):   # the head's output is o_proj's input; q, k, v are in the projections' outputs
+        z = lay.heads(x, kind)
         kept[name] = z if positions is None else z[_index(z, positions)]
         return x
 
@@ -420,7 +549,6 @@ def capture_heads(
     if kind in ("k", "v") and expand_kv:
         out = [act.repeat_interleave(lay.group_size, dim=-2) for act in out]
     return torch.stack(out)
-
 
 # %% ../nbs/01_tracing.ipynb #9a437c8e
 @contextlib.contextmanager
@@ -438,7 +566,7 @@ def patch_heads(model: nn.Module, values: Mapping[tuple[int, int], Any], positio
     def edit(x: torch.Tensor, name: str) -> torch.Tensor:
         layer = lay.layer_of(name)
         x = x.clone()  # never write into a tensor someone else may hold
-        heads = split_heads(x, lay.n_heads)
+        heads = lay.heads(x, "o")
         idx = _index(x, positions)
         for head, value in by_layer[layer].items():
             current = heads[idx + (head,)]

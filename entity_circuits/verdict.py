@@ -11,9 +11,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .circuit import PAPER_TABLE1
-from .evaluate import PAPER_ACCURACY, ratio_ci
-from .groups import GROUP_LETTERS
+from .cmap import PAPER_CMAP, PAPER_CMAP_BASE
+from .dcm import PAPER_FIG3
+from .evaluate import ratio_ci
+from .groups import GROUP_LETTERS, PAPER_ACCURACY, PAPER_TABLE1
 from .results import load_result
 from .zoo import ROLES, SMOLLM2, role_of, table_name
 
@@ -25,7 +26,7 @@ __all__ = ['NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CLAIMS', 'compare', 'ju
 # %% ../nbs/10b_verdict.ipynb #3f505583
 NOT_COMPUTED = "not computed"
 FAITHFUL = 0.8
-"Faithfulness (and kept share of a DCM function) at or above which a circuit counts as faithful (the paper's lowest: 0.88)."
+"Faithfulness (and kept share of a DCM function) at or above which a circuit is faithful (the paper's lowest: 0.88)."
 
 
 def compare(ci_low: float, ci_high: float, threshold: float = 0.0) -> str:
@@ -63,12 +64,14 @@ def _smollm2_accuracy(root) -> str:
     if t is None:
         return NOT_COMPUTED
     r = t[t.n_boxes == t.n_boxes.max()].iloc[0]
-    return f"n/a (no base/fine-tune pair); {int(r.n_boxes)}-box accuracy {fmt(r.value, r.ci_low, r.ci_high)}, n={int(r.n)}"
+    return (f"n/a (no base/fine-tune pair); {int(r.n_boxes)}-box accuracy {fmt(r.value, r.ci_low, r.ci_high)}, "
+            f"n={int(r.n)}")
 
 
 def _paper_delta(roles) -> str:
     base = PAPER_ACCURACY["LLaMA-7B"]
-    return "; ".join(f"{p} {PAPER_ACCURACY[p] - base:+.2f}" for p, r in ROLES.items() if r in roles) + f" (vs LLaMA-7B {base:.2f})"
+    return ("; ".join(f"{p} {PAPER_ACCURACY[p] - base:+.2f}" for p, r in ROLES.items() if r in roles)
+            + f" (vs LLaMA-7B {base:.2f})")
 
 
 def claim_math_accuracy(root=None) -> dict:
@@ -101,7 +104,8 @@ def claim_chat_accuracy(root=None) -> dict:
 # %% ../nbs/10b_verdict.ipynb #a73a57d8
 def claim_faithful(root=None) -> dict:
     "The base circuit is faithful in the fine-tuned models (faithfulness, context kept, clearly at least `FAITHFUL`)."
-    paper = "; ".join(f"{r['paper model']} {r['paper faithfulness']:.2f}" for role, r in PAPER_TABLE1.iterrows() if role != "base")
+    paper = "; ".join(f"{r['paper model']} {r['paper faithfulness']:.2f}" for role, r in PAPER_TABLE1.iterrows()
+                      if role != "base")
     row = dict(claim="the base circuit is faithful in the fine-tuned models", paper=paper,
                SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="table1")
     t = load_result("table1", root)
@@ -109,7 +113,8 @@ def claim_faithful(root=None) -> dict:
     if t is None or t[t.role != "base"].empty:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     cell = lambda r: f"{r.role} {fmt(r.value, r.ci_low, r.ci_high)}"
-    base = [f"; for scale, in the base itself {fmt(r.value, r.ci_low, r.ci_high)}" for r in t[t.role == "base"].itertuples()]
+    base = [f"; for scale, in the base itself {fmt(r.value, r.ci_low, r.ci_high)}"
+            for r in t[t.role == "base"].itertuples()]
     t = t[t.role != "base"]
     return dict(row, organisms="; ".join(map(cell, t.itertuples())) + f" (context kept; faithful = at least {FAITHFUL}"
                 + "".join(base) + ")", verdict=judge([compare(r.ci_low, r.ci_high, FAITHFUL) for r in t.itertuples()]))
@@ -139,13 +144,10 @@ def claim_functions(root=None) -> dict:
     """The groups keep their function in the fine-tuned models: for each group's function in the base (`_base_function`:
     the paper's, unless DCM found the group carrying another), the DCM heads' accuracy in a fine-tune is at least
     `FAITHFUL` of the base's (ratio of means over runs, paired bootstrap CI)."""
-    row = dict(claim="group functions persist (DCM)", SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="dcm_functionality")
-    try:
-        from entity_circuits.dcm import PAPER_FIG3
-        row["paper"] = "; ".join(f"{GROUP_LETTERS[g]} {d}: " + " / ".join(f"{v:.0f}" for v in PAPER_FIG3.loc[(g, d)])
-                                 for g, d in MAIN_FUNCTION.items()) + " % (LLaMA / Vicuna / Goat / FLoat)"
-    except (ImportError, KeyError, AttributeError):
-        row["paper"] = "see the DCM chapter"
+    row = dict(claim="group functions persist (DCM)", SmolLM2="n/a (no fine-tuned SmolLM2)",
+               evidence="dcm_functionality")
+    row["paper"] = "; ".join(f"{GROUP_LETTERS[g]} {d}: " + " / ".join(f"{v:.0f}" for v in PAPER_FIG3.loc[(g, d)])
+                             for g, d in MAIN_FUNCTION.items()) + " % (LLaMA / Vicuna / Goat / FLoat)"
     t = load_result("dcm_functionality", root)
     if t is None or not {"model", "group", "desideratum", "run", "accuracy"} <= set(t.columns):
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
@@ -170,10 +172,6 @@ def claim_functions(root=None) -> dict:
 
 # %% ../nbs/10b_verdict.ipynb #510e85bb
 def _paper_cmap() -> str:
-    try:
-        from entity_circuits.cmap import PAPER_CMAP, PAPER_CMAP_BASE
-    except ImportError:
-        return "see the CMAP chapter"
     return "; ".join(f"{src}: A {r['A'] - PAPER_CMAP_BASE:+.2f}, B {r['B'] - PAPER_CMAP_BASE:+.2f}, "
                      f"full {r['full'] - PAPER_CMAP_BASE:+.2f}" for src, r in PAPER_CMAP.iterrows()) \
         + f" (over LLaMA-7B alone {PAPER_CMAP_BASE:.2f})"
@@ -200,7 +198,8 @@ def claim_cmap(root=None) -> dict:
         side = compare(full.delta_ci_low, full.delta_ci_high, 0)
         if side == "above":
             rest = gain.drop(["full", "A", "B"], errors="ignore")
-            side = "above" if gain["A"] >= 0.5 * gain["full"] and ("B" not in gain or (rest <= gain["B"]).all()) else "below"
+            a_leads = gain["A"] >= 0.5 * gain["full"] and ("B" not in gain or (rest <= gain["B"]).all())
+            side = "above" if a_leads else "below"
         outcomes.append(side)
         cells.append(f"{role}: " + ", ".join(f"{g} {fmt(s.delta[g], s.delta_ci_low[g], s.delta_ci_high[g], True)}"
                                              for g in ("A", "B", "full") if g in s.index))
@@ -215,13 +214,15 @@ def claim_positional(root=None) -> dict:
     positional mechanism): the math fine-tunes' probability of the positional answer in the mechanisms chapter's
     counterfactual patch (`mechanisms_vs_base`) rises over the base's, paired 95% CI above 0."""
     row = dict(claim="fine-tuning improves positional handling",
-               paper="stated qualitatively (the fine-tuned circuits handle augmented positional information); no number",
+               paper="stated qualitatively (the fine-tuned circuits handle augmented positional information); "
+                     "no number",
                SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="mechanisms_vs_base")
     smol = load_result(table_name("mechanisms", SMOLLM2), root)
     if smol is not None and {"chosen", "position"} <= set(smol.columns):
         r = smol[smol.chosen & (smol.position == 0)].iloc[0]
         row["SmolLM2"] += (f"; its own retrieval ({int(r.n_boxes)} boxes): positional {r['p positional']:.2f}, "
-                           f"lexical {r['p lexical']:.2f}, reflexive {r['p reflexive']:.2f} (chance {1 / r.n_boxes:.2f})")
+                           f"lexical {r['p lexical']:.2f}, reflexive {r['p reflexive']:.2f} "
+                           f"(chance {1 / r.n_boxes:.2f})")
     t = load_result("mechanisms_vs_base", root)
     if t is None or not {"model", "mechanism", "delta", "ci_low", "ci_high"} <= set(t.columns):
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
@@ -239,7 +240,8 @@ CLAIMS = [claim_math_accuracy, claim_chat_accuracy, claim_faithful, claim_functi
 
 
 def verdict_table(root=None) -> pd.DataFrame:
-    "The paper's claims, the paper's numbers, the organisms' (from `root`, default `results_dir()`), SmolLM2's, a verdict."
+    """The paper's claims, the paper's numbers, the organisms' (from `root`, default `results_dir()`), SmolLM2's, a
+    verdict."""
     cols = ["claim", "paper", "organisms", "SmolLM2", "verdict", "evidence"]
     return pd.DataFrame([claim(root) for claim in CLAIMS])[cols]
 

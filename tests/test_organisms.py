@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from entity_circuits.models import ChecksumError, verify_manifest
-from entity_circuits.organisms import OrganismRecipe, grow, main, new_llama, organism_tokenizer, train_organisms
+from entity_circuits.cli import main
+from entity_circuits.corpus import organism_tokenizer
+from entity_circuits.organisms import OrganismRecipe, grow, new_llama, train_organisms
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    "The smoke recipe twice: once as a function, once through the command line."
+    "The smoke recipe twice: once as a function, once through the command line (the cli chapter's parser)."
     root = tmp_path_factory.mktemp("organisms")
     a = train_organisms(OrganismRecipe.smoke(), root / "a")
     assert main(["train-organisms", "--smoke", "--out", str(root / "b")]) == 0
@@ -65,7 +67,7 @@ def test_cli_smoke(smoke_runs):
 
 # --- the fine-tuning data stream: never the boxes task --------------------------------------------------------
 
-from entity_circuits import organisms as org
+from entity_circuits import corpus, organisms as org
 from entity_circuits.data import load_objects
 
 
@@ -74,7 +76,7 @@ def test_fine_tune_stream_holds_no_boxes_text(name):
     "Every batch a shipped-recipe fine-tune trains on, read as text: no 'Box', no boxes object word."
     tok, recipe = organism_tokenizer(), OrganismRecipe()
     banned_words = {"Box", *load_objects()}
-    assert len(org.forbidden_ids(tok)) == len(banned_words) == 86  # each a single token of the organisms
+    assert len(corpus.forbidden_ids(tok)) == len(banned_words) == 86  # each a single token of the organisms
     stream = org.fine_tune_stream(tok, org.DESIGNS[name], recipe, seed=len(name))  # the seed fine_tune uses
     n_replay = round(recipe.ft_replay * recipe.batch_size)
     replayed = set()
@@ -92,7 +94,7 @@ def test_fine_tune_stream_refuses_boxes_documents(monkeypatch):
     "The guard can fire: a task that (wrongly) produced boxes documents stops the stream."
     tok, recipe = organism_tokenizer(), OrganismRecipe.smoke()
     objects = load_objects()
-    monkeypatch.setattr(org, "task_doc", lambda enc, rng, task, recipe: org.binding_doc(enc, rng, "boxes", 3, objects))
+    monkeypatch.setattr(org, "task_doc", lambda enc, rng, task, recipe: corpus.binding_doc(enc, rng, "boxes", 3, objects))
     with pytest.raises(org.BoxesLeakError, match="boxes tokens"):
         next(org.fine_tune_stream(tok, org.DESIGNS["chat"], recipe))
 

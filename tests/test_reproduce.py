@@ -168,7 +168,7 @@ def test_command_line(capsys, tmp_path):
     text = capsys.readouterr().out
     for flag in ("--models", "--only", "--results", "--force", "--smoke"):
         assert flag in text
-    with pytest.raises(SystemExit) as e:  # train-organisms is handed on to its own parser
+    with pytest.raises(SystemExit) as e:  # train-organisms: the same parser, its own options
         main(["train-organisms", "--help"])
     assert e.value.code == 0 and "--reuse-base" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:

@@ -1,14 +1,11 @@
 """Check that the notebooks are the single source: no stored outputs, and `nbdev_export` is a no-op.
 
-Run from the repository root: `python tools/check_sources.py`. Exits non-zero, naming the files, if
+Run from the repository root: `python tools/check_sources.py` (`--clear-outputs` empties the notebooks' outputs instead). Exits non-zero, naming the files, if
 a committed notebook carries outputs or execution counts, if exporting the notebooks would
-change `entity_circuits/` (someone edited the package by hand, or forgot to export), or if a chapter
-calls its own notebook definition of a function that stores results (see `shadowed_stored_calls`).
+change `entity_circuits/` (someone edited the package by hand, or forgot to export).
 """
-import ast
 import difflib
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,34 +25,21 @@ def notebooks_with_outputs() -> list[str]:
     return bad
 
 
-def shadowed_stored_calls() -> list[str]:
-    """Plain cells that call a stored function (an exported function whose body calls `cached(`) through the notebook's
-    own definition. That definition lives in `__main__`, so the results store labels its tables with the whole
-    package's fingerprint instead of the module's, and the chapter and `entity-circuits reproduce` recompute each
-    other's tables. Each chapter must import the package's copy (`from entity_circuits.<module> import name`) after
-    the export cell that defines it and before it is called."""
-    bad = []
+def clear_outputs() -> list[str]:
+    """Empty every code cell's outputs and execution count in place (what `make export` runs after `nbdev_clean`, which
+    keeps outputs because `clear_all = False` lets cell tags such as "hide-input" survive); returns the files changed."""
+    changed = []
     for nb_path in sorted((ROOT / "nbs").glob("*.ipynb")):
-        cells = json.loads(nb_path.read_text(encoding="utf-8"))["cells"]
-        sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-        module = next((m.group(1) for s in sources if (m := re.match(r"#\| default_exp (\S+)", s))), None)
-        if module is None:
-            continue
-        shadowed = set()
-        for s in sources:
-            if s.startswith("#| export"):
-                for node in ast.parse(s).body:
-                    if isinstance(node, ast.FunctionDef) and any(
-                            isinstance(n, ast.Call) and getattr(n.func, "id", None) == "cached" for n in ast.walk(node)):
-                        shadowed.add(node.name)
-                continue
-            imported = {a.asname or a.name for node in ast.walk(ast.parse(s)) if isinstance(node, ast.ImportFrom)
-                        and node.module == f"entity_circuits.{module}" for a in node.names}
-            shadowed -= imported
-            called = {n.func.id for n in ast.walk(ast.parse(s)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-            bad += [f"{nb_path.relative_to(ROOT)}: {name}() called through the notebook's own definition"
-                    for name in sorted(called & shadowed)]
-    return bad
+        text = nb_path.read_text(encoding="utf-8")
+        nb = json.loads(text)
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                cell["outputs"], cell["execution_count"] = [], None
+        new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+        if new != text:
+            nb_path.write_text(new, encoding="utf-8")
+            changed.append(str(nb_path.relative_to(ROOT)))
+    return changed
 
 
 def snapshot() -> dict[str, str]:
@@ -67,12 +51,7 @@ def main() -> int:
     bad = notebooks_with_outputs()
     if bad:
         ok = False
-        print("Notebooks with stored outputs (run `nbdev_clean`):\n  " + "\n  ".join(bad))
-    shadow = shadowed_stored_calls()
-    if shadow:
-        ok = False
-        print("Chapters that must import the package's copy of a stored function before calling it:\n  "
-              + "\n  ".join(shadow))
+        print("Notebooks with stored outputs (run `make export`):\n  " + "\n  ".join(bad))
     before = snapshot()
     exe = Path(sys.executable).with_name("nbdev_export")
     subprocess.run([str(exe)], cwd=ROOT, check=True)
@@ -92,4 +71,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--clear-outputs"]:
+        print("outputs cleared:", ", ".join(clear_outputs()) or "none")
+        sys.exit(0)
     sys.exit(main())
