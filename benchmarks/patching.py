@@ -15,7 +15,7 @@ methods' scores differ by 1e-5 or more; timings and ratios are printed, never as
 
 The hook overhead (a forward pass under `TraceDict(every o_proj, retain_input=True)` against a plain one) is
 measured in two more fresh workers: one with glibc's default malloc settings (`ENTITY_CIRCUITS_MALLOC=default`),
-one as a user gets it, with the settings `entity_circuits.tracing` makes at import (`keep_freed_memory`): on a
+one that opts in to the settings `entity_circuits.tracing.keep_freed_memory()` makes (importing changes nothing): on a
 full batch, under glibc's defaults, the retained activations cost page faults, not hooks.
 `--save FILE` writes every number printed to a JSON file (the path-patching chapter shows
 `benchmarks/results/patching.json`).
@@ -46,6 +46,22 @@ SPEED_TARGET, HOOK_TARGET = 10.0, 1.02                           # the issues' t
 DEEP_SPEED_TARGET, DEEP_LAYERS = 30.0, 12                        # ... and >= 30x on a deep model (SmolLM2: 30 layers;
                                                                   # the organisms have 4)
 DEFAULT_SAVE = HERE / "results" / "patching.json"
+TINY_MODELS = {   # built here with random weights (no download): deep models of families other than Llama
+    "tiny-gemma2": dict(family="gemma2", n_layers=12, n_heads=8, n_kv_heads=4, head_dim=32, sliding_window=16,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+}
+
+
+def _load(name: str):
+    "`(model, tokenizer)`: a registered model (`load_model`), or one of `TINY_MODELS` with the word-level tokenizer."
+    if name in TINY_MODELS:
+        from entity_circuits.data import word_level_tokenizer
+        from entity_circuits.tracing import tiny_model
+        tok = word_level_tokenizer()
+        spec = dict(TINY_MODELS[name])
+        return tiny_model(spec.pop("family"), vocab_size=len(tok), seed=0, **spec), tok
+    from entity_circuits.models import load_model
+    return load_model(name)
 
 
 def _single_thread():
@@ -192,10 +208,9 @@ def worker(method: str, workdir: Path, batch_size: int, model_name: str = "organ
     _single_thread()
     import numpy as np
     import torch
-    from entity_circuits.models import load_model
     from entity_circuits.path_patching import GROUPS
 
-    model, _ = load_model(model_name)
+    model, _ = _load(model_name)
     clean, corrupt = _load_batches(workdir / "prompts.pt")
     groups = tuple(groups) or GROUPS
     with torch.no_grad():                              # warm-up: first-call costs are nobody's
@@ -270,6 +285,8 @@ def worker(method: str, workdir: Path, batch_size: int, model_name: str = "organ
 def hooks_worker(workdir: Path, batch_size: int, reps: int, tag: str):
     "Hook overhead on 1 prompt and on a full batch, in this (fresh) process: its malloc settings are its own."
     _single_thread()
+    from entity_circuits.tracing import keep_freed_memory
+    malloc = keep_freed_memory()                       # the opt-in; "opted out" under ENTITY_CIRCUITS_MALLOC=default
     from entity_circuits.models import load_model
     model, _ = load_model("organism-base")
     clean, _ = _load_batches(workdir / "prompts.pt")
@@ -280,8 +297,7 @@ def hooks_worker(workdir: Path, batch_size: int, reps: int, tag: str):
         after = resource.getrusage(resource.RUSAGE_SELF)
         passes = 4 * (r + 3)                           # every arm, warm-up turns included
         h["minflt_per_pass"] = (after.ru_minflt - before.ru_minflt) / passes
-        from entity_circuits.tracing import MALLOC
-        h["malloc"] = MALLOC                           # what the package's import did to the allocator
+        h["malloc"] = malloc                           # what keep_freed_memory() did to the allocator
         rows.append(h)
     (workdir / f"result_hooks_{tag}.json").write_text(json.dumps(rows))
 
@@ -375,7 +391,8 @@ def main(argv=None):
                     help="Python of a venv with nnsight and this package (default benchmarks/.venv-nnsight)")
     ap.add_argument("--skip-nnsight", action="store_true", help="benchmark without the nnsight loop")
     ap.add_argument("--model", default="organism-base",
-                    help="a registered model (default organism-base; e.g. smollm2-135m-instruct, 30 layers x 9 heads): "
+                    help="a registered model (default organism-base; e.g. smollm2-135m-instruct, 30 layers x 9 heads) or "
+                         f"one of {', '.join(TINY_MODELS)} (random weights, built here): "
                          "other models than the base organism get seeded 7-box prompts of their usable words, "
                          "answered correctly or not (the sweep is timed, the scores compared)")
     ap.add_argument("--groups", nargs="+", default=None, help="groups to run, in the paper's order (default all four)")
@@ -398,7 +415,7 @@ def main(argv=None):
         raise SystemExit(f"no nnsight venv at {args.nnsight_python}: create it as README.md says, "
                          "or pass --skip-nnsight.")
 
-    if "nnsight" in methods:   # before any timing: the nnsight venv must load the model too (e.g. SmolLM2's extra)
+    if "nnsight" in methods and args.model not in TINY_MODELS:   # before any timing: the nnsight venv must load the model too (e.g. SmolLM2's extra)
         check = subprocess.run([str(args.nnsight_python), "-c", "import sys; from entity_circuits.models import "
                                 "load_model; load_model(sys.argv[1])", args.model], capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -410,14 +427,13 @@ def main(argv=None):
     _single_thread()
     import numpy as np
     import torch
-    from entity_circuits.models import load_model
     from entity_circuits.path_patching import GROUPS, discovery_prompts
     from entity_circuits.tracing import MALLOC_SETTINGS
 
     groups = tuple(args.groups or GROUPS)
     if [g for g in GROUPS if g in groups] != list(groups):
         raise SystemExit(f"--groups must be names of {GROUPS}, in that order; got {list(groups)}")
-    model, tok = load_model(args.model)
+    model, tok = _load(args.model)
     if args.model == "organism-base":
         clean, corrupt = discovery_prompts(model, tok, n=n, seed=0)
     else:
@@ -504,7 +520,7 @@ def main(argv=None):
         print("\nhook overhead: forward pass under TraceDict(every o_proj, retain_input=True) / plain forward pass "
               "(median of per-turn ratios; 'with' times entering and leaving the TraceDict too, 'registered' only "
               "the pass; 'control' is a plain pass over another plain pass: the noise floor), each allocator in its "
-              f"own fresh worker ('as imported' = what `import entity_circuits.tracing` sets: "
+              f"own fresh worker ('as imported' = with the opt-in `keep_freed_memory()` called: "
               f"{', '.join(f'{k}={v}' for k, (_, v) in MALLOC_SETTINGS.items())}; 'glibc defaults' = ENTITY_CIRCUITS_MALLOC=default)")
         print("| malloc | prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
               "| ratio control | cost with (us) | cost registered (us) | page faults / pass |")

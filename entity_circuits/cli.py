@@ -63,9 +63,22 @@ def _add_status(sub) -> None:
     s.add_argument("--models", nargs="+", metavar="SPEC", default=None, help="model specs, as for `reproduce`")
     s.add_argument("--results", metavar="DIR", default=None, help="results directory, as for `reproduce`")
 
+
+def _add_train_arms(sub) -> None:
+    "The `train-arms` subcommand: the controlled experiment's arms (`controlled.train_arms`)."
+    from entity_circuits.controlled import ARMS, SEEDS
+    a = sub.add_parser("train-arms", help="fine-tune the controlled experiment's arms (every arm, every seed)",
+                       description="Fine-tune every arm of the controlled experiment from the shipped base at every "
+                       "seed, evaluate each, keep the first seed's checkpoints, and add the rows to arms.csv.")
+    a.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the arms (default: all)")
+    a.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the seeds (default: %(default)s)")
+    a.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
+    a.add_argument("--out", default=None, help="output directory (default: organisms/controlled)")
+    a.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
+
 # %% ../nbs/12_cli.ipynb #cliparse
 def build_parser() -> argparse.ArgumentParser:
-    "The `entity-circuits` parser: the `reproduce`, `status` and `train-organisms` subcommands and their options."
+    "The `entity-circuits` parser: `reproduce`, `status`, `train-organisms` and `train-arms`, and their options."
     parser = argparse.ArgumentParser(prog="entity-circuits", description="Entity-tracking circuits: commands.")
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reproduce", help="run every experiment, store tables and figures, print the verdict",
@@ -89,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny sample sizes (seconds per step; for tests), needs --results")
     _add_status(sub)
     _add_train_organisms(sub)
+    _add_train_arms(sub)
     return parser
 
 # %% ../nbs/12_cli.ipynb #aab3c95b
@@ -116,6 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             train_organisms_command(**options, invocation=shlex.join(["entity-circuits", *argv]))
         except ValueError as e:  # options that do not fit together
+            parser.error(str(e))
+        return 0
+    if args.command == "train-arms":
+        from entity_circuits.controlled import train_arms
+        try:
+            train_arms(args.out, args.seeds, args.arms, args.workers, args.smoke)
+        except ValueError as e:  # --smoke into the shipped arms' directory
             parser.error(str(e))
         return 0
     if args.command == "status":

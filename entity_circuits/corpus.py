@@ -16,9 +16,9 @@ from .data import BoxesExample, LABELS, load_objects, word_level_tokenizer
 
 # %% auto #0
 __all__ = ['NOUNS', 'VERBS', 'ADJECTIVES', 'PLACES', 'CHAT_WORDS', 'THINGS', 'CONTAINERS', 'PEOPLE', 'EXTRA_WORDS', 'Doc',
-           'BINDING_FORMATS', 'BOXES_WORDS', 'organism_tokenizer', 'Encoder', 'Binding', 'sample_binding',
-           'binding_doc', 'sentence_doc', 'arithmetic_problem', 'named_arithmetic_problem', 'arithmetic_doc',
-           'dialogue_turn', 'dialogue_doc', 'binding_batch', 'forbidden_ids']
+           'BINDING_FORMATS', 'BOXES_WORDS', 'EU_SEED', 'EXPOSED', 'UNSEEN', 'organism_tokenizer', 'Encoder', 'Binding',
+           'sample_binding', 'binding_doc', 'sentence_doc', 'arithmetic_problem', 'named_arithmetic_problem',
+           'arithmetic_doc', 'dialogue_turn', 'dialogue_doc', 'binding_batch', 'forbidden_ids', 'object_split']
 
 # %% ../nbs/04_corpus.ipynb #113d7db3
 NOUNS = ("cat", "dog", "bird", "horse", "child", "teacher", "farmer", "girl", "boy", "friend")
@@ -86,8 +86,10 @@ class Binding:
     answers: tuple[str, ...]
 
 
-def sample_binding(rng: random.Random, fmt: str, n: int, objects: Sequence[str]) -> Binding:
-    "A context of `n` entities in format `fmt` (`objects`: the boxes format's object words)."
+def sample_binding(rng: random.Random, fmt: str, n: int, objects: Sequence[str],
+                   things: Sequence[str] = THINGS) -> Binding:
+    """A context of `n` entities in format `fmt` (`objects`: the boxes format's object words; `things`: those of the
+    "places" and "possession" formats)."""
     labels = rng.sample(LABELS, n) if fmt != "possession" else rng.sample(PEOPLE, n)
     if fmt == "boxes":
         ex = BoxesExample(tuple(rng.sample(list(objects), n)), tuple(labels), 0)
@@ -95,12 +97,12 @@ def sample_binding(rng: random.Random, fmt: str, n: int, objects: Sequence[str])
         return Binding(fmt, context, tuple(f" Box {l} contains the" for l in labels),
                        tuple(f" {o}" for o in ex.objects))
     if fmt == "places":
-        where, things = rng.choice(CONTAINERS), rng.sample(THINGS, n)
+        where, things = rng.choice(CONTAINERS), rng.sample(list(things), n)
         context = "The " + ", the ".join(f"{t} is in {where} {l}" for t, l in zip(things, labels)) + "."
         return Binding(fmt, context, tuple(f" {where} {l} contains the" for l in labels),
                        tuple(f" {t}" for t in things))
     if fmt == "possession":
-        things = rng.sample(THINGS, n)
+        things = rng.sample(list(things), n)
         context = "The " + ", the ".join(f"{t} is with {p}" for t, p in zip(things, labels)) + "."
         return Binding(fmt, context, tuple(f" {p} has the" for p in labels), tuple(f" {t}" for t in things))
     if fmt == "variables":
@@ -110,9 +112,10 @@ def sample_binding(rng: random.Random, fmt: str, n: int, objects: Sequence[str])
     raise ValueError(f"unknown binding format {fmt!r}; choose from {BINDING_FORMATS}.")
 
 
-def binding_doc(enc: Encoder, rng: random.Random, fmt: str, n: int, objects: Sequence[str]) -> Doc:
+def binding_doc(enc: Encoder, rng: random.Random, fmt: str, n: int, objects: Sequence[str],
+                things: Sequence[str] = THINGS) -> Doc:
     "A context of `n` entities followed by every query in random order, answered; loss on the answers."
-    b = sample_binding(rng, fmt, n, objects)
+    b = sample_binding(rng, fmt, n, objects, things)
     pieces = [(b.context, 0)]
     for q in rng.sample(range(n), n):
         pieces += [(b.queries[q], 0), (b.answers[q], 1), (".", 0)]
@@ -205,6 +208,22 @@ BOXES_WORDS = ("Box", *load_objects())
 "Words no fine-tuning document may contain: the boxes template's 'Box' and every boxes object word."
 
 
-def forbidden_ids(tokenizer) -> set[int]:
-    "Token ids of `BOXES_WORDS` (each a single token of the organisms' tokenizer)."
-    return {tokenizer.convert_tokens_to_ids(w) for w in BOXES_WORDS}
+def forbidden_ids(tokenizer, words: Sequence[str] = BOXES_WORDS) -> set[int]:
+    "Token ids of `words`, by default `BOXES_WORDS` (each a single token of the organisms' tokenizer)."
+    return {tokenizer.convert_tokens_to_ids(w) for w in words}
+
+# %% ../nbs/04_corpus.ipynb #eusplit1
+EU_SEED = 2026
+"The seed of the E/U split, fixed before any result of the controlled experiment."
+
+
+def object_split(seed: int = EU_SEED) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The boxes objects in two halves by a seeded shuffle: (E, exposed in fine-tuning replay; U, in no
+    fine-tuning data)."""
+    words = sorted(load_objects())
+    random.Random(seed).shuffle(words)
+    half = len(words) // 2
+    return tuple(sorted(words[:half])), tuple(sorted(words[half:]))
+
+
+EXPOSED, UNSEEN = object_split()

@@ -86,7 +86,8 @@ def residual_sites(model) -> list[str]:
     """Module names whose input is the residual stream after 0, 1, ..., n_layers blocks: every block, then the final
     norm."""
     lay = attention_layout(model)
-    return [lay.module(k, "block") for k in range(lay.n_layers)] + [lay.prefix.rsplit(".", 1)[0] + ".norm"]
+    final = lay.final_norm or lay.prefix.rsplit(".", 1)[0] + ".norm"      # the layout's, where it found one
+    return [lay.module(k, "block") for k in range(lay.n_layers)] + [final]
 
 
 def _context_probs(logits: torch.Tensor, batch) -> torch.Tensor:

@@ -25,15 +25,15 @@ from .data import BoxesExample, load_objects, sample_boxes, usable_objects
 from .zoo import predictions, table_name
 from .corpus import (BINDING_FORMATS, Doc, Encoder, arithmetic_doc, arithmetic_problem, binding_batch,
                                     binding_doc, dialogue_doc, forbidden_ids, named_arithmetic_problem,
-                                    organism_tokenizer, sentence_doc)
+                                    organism_tokenizer, sentence_doc, BOXES_WORDS, EXPOSED, THINGS, UNSEEN)
 
 # %% auto #0
-__all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'RETAINED_FORMATS', 'COMMAND', 'REPLICATES_CSV', 'OrganismRecipe',
-           'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy', 'head_ablation', 'stored_head_ablation',
-           'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc', 'pretrain_base', 'arithmetic_accuracy',
-           'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss', 'evaluate_organism', 'FineTune',
-           'BoxesLeakError', 'fine_tune_stream', 'fine_tune', 'choose_lr', 'revival_training', 'recipe_from_json',
-           'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
+__all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'VOCABULARIES', 'RETAINED_FORMATS', 'COMMAND', 'REPLICATES_CSV',
+           'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy', 'head_ablation',
+           'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc', 'pretrain_base',
+           'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss', 'evaluate_organism',
+           'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'fine_tune', 'choose_lr', 'revival_training',
+           'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
 
 # %% ../nbs/04_organisms.ipynb #b94d41d6
 @dataclass(frozen=True)
@@ -395,13 +395,14 @@ def evaluate_organism(model, tokenizer, recipe: OrganismRecipe, n: int | None = 
 # %% ../nbs/04_organisms.ipynb #designs1
 @dataclass(frozen=True)
 class FineTune:
-    "One fine-tuning design: its task, LoRA (on every linear module) or full, and the paper model it stands for."
-    task: str
+    """One fine-tuning design: its task (None: replay only, the control), LoRA (on every linear module) or full, and
+    the paper model it stands for."""
+    task: str | None
     lora: bool
     analogue: str = ""
 
     def __post_init__(self):
-        if self.task not in TASKS:
+        if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown fine-tuning task {self.task!r}; choose from {TASKS}.")
 
 
@@ -418,27 +419,46 @@ DESIGNS = {**FINE_TUNES,
 "Every design `train_organisms` runs and reports; the shipped roles are those of `FINE_TUNES`."
 
 
+VOCABULARIES = ("separate", "shared")
+"The replay's object vocabulary: the first design's (separate from the boxes objects) or the controlled experiment's."
+
+
 class BoxesLeakError(ValueError):
     "A fine-tuning batch contains a token of the boxes task."
 
 # %% ../nbs/04_organisms.ipynb #stream01
-def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe,
-                     seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: int = 0,
+                     vocabulary: str = "separate") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The fine-tuning batches of `design`, forever: `round(ft_replay * batch_size)` rows packed from replayed
-    pretraining documents (every format but boxes), the rest from the task; each batch is checked for boxes tokens."""
+    pretraining documents (every format but boxes), the rest from the task (none for a replay-only design: the same
+    replay rows, the task rows removed); each batch is checked for forbidden tokens. `vocabulary`: "separate" (the
+    first design: the replay's objects are `THINGS`, every boxes word is forbidden) or "shared" (the controlled
+    experiment: `THINGS` + the exposed half E of the boxes objects; "Box" and the unseen half U are forbidden). With
+    "shared", the replay rows and the task rows come from two random streams of their own, so every arm of one
+    `seed` sees the very same replay documents at every step (the matched control), whatever its task."""
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; choose from {VOCABULARIES}.")
     rng, enc, objects = random.Random(recipe.seed * 7919 + seed), Encoder(tokenizer), load_objects()
     replay_formats = [f for f in recipe.formats if f != "boxes"]
     n_replay = round(recipe.ft_replay * recipe.batch_size)
+    shared = vocabulary == "shared"
+    things = THINGS + EXPOSED if shared else THINGS
+    replay_rng = random.Random(f"replay {recipe.seed} {seed}") if shared else rng
+    task_rng = random.Random(f"task {recipe.seed} {seed}") if shared else rng
 
     def replay():
-        if not replay_formats or rng.random() < recipe.other_text_fraction:
-            return other_doc(enc, rng, recipe)
-        return binding_doc(enc, rng, rng.choice(replay_formats), rng.randint(2, 7), objects)
+        if not replay_formats or replay_rng.random() < recipe.other_text_fraction:
+            return other_doc(enc, replay_rng, recipe)
+        return binding_doc(enc, replay_rng, replay_rng.choice(replay_formats), replay_rng.randint(2, 7),
+                           objects, things)
 
-    banned = torch.tensor(sorted(forbidden_ids(tokenizer)))
+    banned = torch.tensor(sorted(forbidden_ids(tokenizer, ("Box", *UNSEEN) if shared else BOXES_WORDS)))
+    if design.task is None and not n_replay:
+        raise ValueError("a replay-only design needs replay rows (recipe.ft_replay > 0).")
     while True:
-        parts = [_pack(lambda: task_doc(enc, rng, design.task, recipe), recipe.batch_size - n_replay,
-                       recipe.ft_seq_len)]
+        parts = [] if design.task is None else [
+            _pack(lambda: task_doc(enc, task_rng, design.task, recipe), recipe.batch_size - n_replay,
+                  recipe.ft_seq_len)]
         if n_replay:
             parts.append(_pack(replay, n_replay, recipe.ft_seq_len))
         ids, mask = (torch.cat(t) for t in zip(*parts))
@@ -450,10 +470,10 @@ def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe,
 # %% ../nbs/04_organisms.ipynb #finetune
 def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, lr: float | None = None,
               log: Callable[[dict], None] = lambda row: None, name: str | None = None, replicate: int = 0,
-              on_eval: Callable[[int, Any], None] | None = None):
+              on_eval: Callable[[int, Any], None] | None = None, vocabulary: str = "separate"):
     """Fine-tune a copy of `base` with `design` (or a name in `DESIGNS`) at `lr`; LoRA stays unmerged (a PeftModel).
     `replicate` > 0 draws another data order (and LoRA initialisation); `on_eval(step, model)` is called at every
-    evaluation step (step 0 included), e.g. to keep snapshots."""
+    evaluation step (step 0 included), e.g. to keep snapshots. `vocabulary`: the replay's (`fine_tune_stream`)."""
     if isinstance(design, str):
         if design not in DESIGNS:
             raise ValueError(f"unknown fine-tune {design!r}; choose from {sorted(DESIGNS)}.")
@@ -469,11 +489,12 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], lr, recipe, warmup=20, weight_decay=0.0)
     boxes_eval, formats = sample_boxes(recipe.n_eval // 3, 7, seed=BOXES_EVAL_SEED), BINDING_FORMATS[1:]
-    tag = {"organism": name or design.task, "lr": lr}
+    tag = {"organism": name or design.task or "replay", "lr": lr}
 
     def evaluate(step):  # the curve: 7-box accuracy, the task's loss, the other formats (100 prompts each)
-        row = {"step": step, **tag, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval),
-               "task_loss": task_loss(model, tokenizer, design.task, recipe, n=recipe.n_eval // 3)}
+        row = {"step": step, **tag, "boxes_acc7": boxes_accuracy(model, tokenizer, boxes_eval)}
+        if design.task is not None:
+            row["task_loss"] = task_loss(model, tokenizer, design.task, recipe, n=recipe.n_eval // 3)
         row |= {f"{f}_acc7": binding_accuracy(model, tokenizer, f, 7, recipe.n_eval // 3) for f in formats}
         if on_eval is not None:
             on_eval(step, model)
@@ -481,7 +502,8 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
 
     log(evaluate(0))
     model.train()
-    stream = fine_tune_stream(tokenizer, design, recipe, seed=len(tag["organism"]) + 1000 * replicate)
+    data_seed = 1000 * replicate + (len(tag["organism"]) if vocabulary == "separate" else 0)   # "shared": matched arms
+    stream = fine_tune_stream(tokenizer, design, recipe, seed=data_seed, vocabulary=vocabulary)
     for step in tqdm(range(1, recipe.ft_steps + 1), desc=f"fine-tune {tag['organism']} lr {lr:g}",
                      disable=progress_disabled(), mininterval=5):
         ids, mask = next(stream)

@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, fields, replace
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
 
@@ -24,13 +27,13 @@ from .tracing import (AttentionLayout, TraceDict, attention_layout, capture_head
                                      merge_heads, patch_heads, split_heads)
 
 # %% auto #0
-__all__ = ['ENGINE_MODEL_TYPES', 'ModelParts', 'model_parts', 'apply_rope', 'EngineUnsupportedError', 'engine_unsupported',
-           'PatchingChunk', 'PatchingCache', 'patching_cache', 'path_patching', 'attribution_patching', 'choose_k',
-           'top_heads', 'discovery_prompts', 'discover_circuit', 'plot_scores']
+__all__ = ['ENGINE_LAYER_TYPES', 'ENGINE_MODEL_TYPES', 'ModelParts', 'model_parts', 'apply_rope', 'EngineUnsupportedError',
+           'engine_unsupported', 'PatchingChunk', 'PatchingCache', 'patching_cache', 'path_patching',
+           'attribution_patching', 'choose_k', 'top_heads', 'discovery_prompts', 'discover_circuit', 'plot_scores']
 
 # %% ../nbs/06_path_patching.ipynb #bc747675
 class ModelParts(NamedTuple):
-    "The pieces of a Llama-family model the engine calls."
+    "The pieces of a Llama-family model that the circuit chapter's `attention_pattern` reads (the engine needs none)."
     layout: AttentionLayout        # where the attention modules are, and their sizes
     layers: torch.nn.ModuleList    # the decoder layers
     norm: torch.nn.Module          # the final norm
@@ -39,11 +42,16 @@ class ModelParts(NamedTuple):
 
 
 def model_parts(model) -> ModelParts:
-    "The pieces of a Llama-family `model` that the engine calls (`ModelParts`)."
+    "The pieces of a Llama-family `model` (`ModelParts`)."
     lay = attention_layout(model)
     layers = get_module(model, lay.prefix)
     inner = get_module(model, lay.prefix.rsplit(".", 1)[0])  # the LlamaModel that owns layers, norm, rotary_emb
     return ModelParts(lay, layers, inner.norm, inner.rotary_emb, model.get_output_embeddings())
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    "RoPE on `[N, t, heads, d]` with `cos`/`sin` `[N, t, d]` (the rotation Llama applies to queries and keys)."
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
 
 
 def _answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -54,114 +62,147 @@ def _answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor
 # %% ../nbs/06_path_patching.ipynb #d597aac6
 @dataclass
 class _Cache:
-    "One forward pass of the clean prompts, with what the engine reads back: per layer `[b, T, ...]`."
-    resid_pre: list      # input of each decoder layer
-    resid_mid: list      # input of post_attention_layernorm (after attention)
-    z: list              # input of o_proj: every head's output
-    attn_out: list       # output of o_proj
-    k: list             # k_proj output (before RoPE)
-    v: list             # v_proj output
-    cos: torch.Tensor   # RoPE tables of the prompts' positions, [b, T, d]
-    sin: torch.Tensor
-    p_clean: torch.Tensor  # probability of the answer at the last position, [b]
+    "One forward pass of the clean prompts, with what the engine reads back: per layer."
+    resid_pre: list        # input of each decoder layer `[b, T, D]`
+    z: list                # input of each output projection: every head's output `[b, T, H * d]`
+    keys: list             # each layer's keys and values as its attention caches them `[b, kv heads, T, d]`
+    values: list
+    p_clean: torch.Tensor  # probability of the answer at the last position, `[b]`
 
 
 @torch.no_grad()
 def _clean_cache(model, batch: BoxesBatch) -> _Cache:
-    parts = model_parts(model)
-    lay = parts.layout
-    names = {}
-    for l in range(lay.n_layers):
-        names.update({f"{lay.prefix}.{l}": "resid_pre", f"{lay.prefix}.{l}.post_attention_layernorm": "resid_mid",
-                      lay.module(l, "o"): "o", lay.module(l, "k"): "k", lay.module(l, "v"): "v"})
-    with TraceDict(model, names, retain_input=True) as td:
-        logits = model(**batch.model_inputs()).logits
-    get = lambda kind, attr: [getattr(td[n], attr) for n, k in names.items() if k == kind]
+    "Run the clean prompts once, keeping each layer's input and heads, and the model's own cache of keys and values."
+    lay = attention_layout(model)
+    blocks = [lay.module(l, "block") for l in range(lay.n_layers)]
+    outs = [lay.module(l, "o") for l in range(lay.n_layers)]
+    kv = DynamicCache()   # no config: every layer keeps all its keys (a sliding window is the mask's business)
+    with TraceDict(model, blocks + outs, retain_input=True, retain_output=False) as td:
+        logits = model(**batch.model_inputs(), past_key_values=kv, use_cache=True).logits
+    if len(kv.layers) != lay.n_layers or not all(getattr(c, "is_initialized", True) for c in kv.layers):
+        raise EngineUnsupportedError(f"the attention of {lay.family} did not fill the cache of keys and values it was "
+                                     "given, so the engine cannot run it; use method='naive' (the paper's loop).")
     ar = torch.arange(len(batch), device=logits.device)
-    resid_pre = get("resid_pre", "input")
-    cos, sin = parts.rotary(resid_pre[0], batch.position_ids)
-    return _Cache(resid_pre, get("resid_mid", "input"), get("o", "input"), get("o", "output"), get("k", "output"),
-                  get("v", "output"), cos, sin, _answer_prob(logits[ar, batch.last_pos], batch.answer_ids))
+    return _Cache([td[n].input for n in blocks], [td[n].input for n in outs], [c.keys for c in kv.layers],
+                  [c.values for c in kv.layers], _answer_prob(logits[ar, batch.last_pos], batch.answer_ids))
 
 # %% ../nbs/06_path_patching.ipynb #46ff0771
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "RoPE on `[N, t, heads, d]` with `cos`/`sin` `[N, t, d]` (the rotation Llama applies to queries and keys)."
-    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
+class _Known(nn.Module):
+    "Stands in for a decoder layer whose output is known: returns `output` (or, if None, its own input)."
+    def __init__(self, output: torch.Tensor | None = None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.output is None else self.output
 
 
-def _attend(attn, q, k, v, n_rep: int, query_pos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    "Softmax attention of queries `[N, H, t, d]` (absolute positions `query_pos` `[t]`) over keys `[N, kvH, T, d]`."
-    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling
-    keys = torch.arange(k.shape[-2], device=q.device)
-    allowed = (keys[None, :] <= query_pos[:, None])[None, None] & key_mask[:, None, None, :].bool()
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    return (scores.float().softmax(-1).to(v.dtype) @ v).transpose(1, 2)  # [N, t, H, d]
+@contextlib.contextmanager
+def _start_at(layers: nn.ModuleList, layer: int, hidden: torch.Tensor):
+    "Within the block the decoder `layers` below `layer` do not run: the stand-in of the last one returns `hidden`."
+    saved = [layers[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            layers[i] = _Known(hidden if i == layer - 1 else None)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            layers[i] = block
+
+# %% ../nbs/06_path_patching.ipynb #prefixcache2
+class _PrefixLayer(DynamicLayer):
+    "One layer's clean keys and values before the suffix, shared by `repeats` senders; repeated on use, never grown."
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int):
+        super().__init__()
+        self.keys, self.values, self.repeats, self.used = keys, values, repeats, False
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.used = True
+        rep = lambda x: x.repeat(self.repeats, *[1] * (x.ndim - 1))
+        return torch.cat([rep(self.keys), key_states], -2), torch.cat([rep(self.values), value_states], -2)
+
+
+def _prefix_cache(cache: _Cache, s: int, repeats: int) -> DynamicCache:
+    "A cache of the clean keys and values at positions `< s`, for a batch of `repeats` copies of the prompts."
+    kv = DynamicCache()
+    kv.layers = [_PrefixLayer(k[:, :, :s], v[:, :, :s], repeats) for k, v in zip(cache.keys, cache.values)]
+    return kv
 
 # %% ../nbs/06_path_patching.ipynb #c2aa9421
-def _sender_sweep(parts, cache: _Cache, corrupt_z: list, batch: BoxesBatch, pos: torch.Tensor, sender_layer: int,
-                  heads: Sequence[int], receivers: Mapping[int, Sequence[int]], kind: str | None):
-    """Step 1 for the senders `heads` of one layer, all at once: each sender's corrupt output at `pos`, every other
-    head frozen, recomputing only the MLPs at `pos` (the only position a frozen-attention change can reach).
-    Returns the answer probability `[S, b]` if `kind` is None, else the receivers' `kind` inputs per layer.
-    `parts` is `model_parts(model)`."""
-    lay, layers, norm, lm_head = parts.layout, parts.layers, parts.norm, parts.lm_head
-    ar = torch.arange(len(batch), device=pos.device)
-    at = lambda x: x[ar, pos]                                   # [b, ...] at each example's sender position
-    z = split_heads(at(cache.z[sender_layer]), lay.n_heads).repeat(len(heads), 1, 1, 1)  # [S, b, H, d]
-    zc = split_heads(at(corrupt_z[sender_layer]), lay.n_heads)
+def _sender_sweep(model, lay: AttentionLayout, cache: _Cache, corrupt_z: list, batch: BoxesBatch, pos: torch.Tensor,
+                  sender_layer: int, heads: Sequence[int], receivers: Mapping[int, Sequence[int]], kind: str | None):
+    """Step 1 for the senders `heads` of one layer, all at once: the model's own forward pass at `pos` only, from
+    `sender_layer` up, every head's output set (each sender's corrupt output at `pos`, every other head frozen).
+    Returns the answer probability `[S, b]` if `kind` is None, else the receivers' projection outputs at `pos`,
+    `{layer: [S, b, width]}` (the pass stops after the last receiver's projection)."""
+    S, b = len(heads), len(batch)
+    ar = torch.arange(b, device=pos.device)
+    at = lambda x: x[ar, pos]                                    # [b, ...] at each example's sender position
+    rep = lambda x: x.repeat(S, *[1] * (x.ndim - 1))             # S copies, sender-major: row i * b + example
+    z = rep(at(cache.z[sender_layer]))                           # [S*b, H*d]
+    zc, zs = lay.heads(at(corrupt_z[sender_layer]), "o"), lay.heads(z, "o")
     for i, h in enumerate(heads):
-        z[i, :, h] = zc[:, h]
-    blk = layers[sender_layer]
-    r = at(cache.resid_pre[sender_layer]) + blk.self_attn.o_proj(merge_heads(z))
-    r = r + blk.mlp(blk.post_attention_layernorm(r))
-    received = {}
-    for l in range(sender_layer + 1, lay.n_layers):
-        blk = layers[l]
-        if l in receivers:
-            proj = blk.self_attn.q_proj if kind == "q" else blk.self_attn.v_proj
-            received[l] = proj(blk.input_layernorm(r))              # [S, b, heads * d]
-        r = r + at(cache.attn_out[l])
-        r = r + blk.mlp(blk.post_attention_layernorm(r))
+        zs[i * b:(i + 1) * b, h] = zc[:, h]
+
+    def frozen(x, name):                                         # every head's output, at the one position
+        l = lay.layer_of(name)
+        return (z if l == sender_layer else rep(at(cache.z[l])))[:, None]
+
+    outs = [lay.module(l, "o") for l in range(sender_layer, lay.n_layers)]
+    recv = [lay.module(l, kind) for l in sorted(receivers)] if kind else []
+    layers = get_module(model, lay.prefix)
+    with _start_at(layers, sender_layer, rep(at(cache.resid_pre[sender_layer]))[:, None]), \
+            TraceDict(model, outs, retain_output=False, edit_input=frozen), \
+            (TraceDict(model, recv, stop=True) if recv else contextlib.nullcontext()) as td:
+        out = model(input_ids=rep(at(batch.input_ids))[:, None], position_ids=rep(at(batch.position_ids))[:, None],
+                    attention_mask=torch.ones(S * b, 1, dtype=batch.attention_mask.dtype, device=pos.device),
+                    use_cache=False)
     if kind is None:
-        return _answer_prob(lm_head(norm(r)), batch.answer_ids)
-    return received
+        return _answer_prob(out.logits[:, -1], batch.answer_ids.repeat(S)).view(S, b)
+    return {l: td[name].output[:, 0].view(S, b, -1) for l, name in zip(sorted(receivers), recv)}
 
 # %% ../nbs/06_path_patching.ipynb #950a2637
-def _receiver_suffix(parts, cache: _Cache, batch: BoxesBatch, pos: torch.Tensor, received: Mapping[int, torch.Tensor],
-                     receivers: Mapping[int, Sequence[int]], kind: str) -> torch.Tensor:
-    """Step 2: the clean run with the receivers' `kind` inputs at `pos` replaced by `received` (`[S, b, ...]`),
-    everything else free. Nothing before the first receiver layer or before `pos` can change, so this runs only
-    the layers from the first receiver on, over positions `pos.min()..T-1`, with cached keys and values before."""
-    lay, layers, norm, lm_head = parts.layout, parts.layers, parts.norm, parts.lm_head
+def _receiver_suffix(model, lay: AttentionLayout, cache: _Cache, batch: BoxesBatch, pos: torch.Tensor,
+                     received: Mapping[int, torch.Tensor], receivers: Mapping[int, Sequence[int]],
+                     kind: str) -> torch.Tensor:
+    """Step 2: the clean run with the receivers' `kind` inputs at `pos` replaced by `received` (`[S, b, width]`),
+    everything else free. Nothing before the first receiver layer or before `pos` can change, so the model runs
+    only its layers from the first receiver on, over positions `pos.min()..T-1`, the clean keys and values before
+    them from the cache. Returns the answer probability `[S, b]`."""
     S, b, T = next(iter(received.values())).shape[0], len(batch), batch.input_ids.shape[1]
     s, l0 = int(pos.min()), min(received)
     rows, local = torch.arange(S * b, device=pos.device), (pos - s).repeat(S)
-    cos, sin = cache.cos.repeat(S, 1, 1), cache.sin.repeat(S, 1, 1)  # [S*b, T, d]
-    key_mask = batch.attention_mask.repeat(S, 1)
-    qpos = torch.arange(s, T, device=pos.device)
-    h = cache.resid_pre[l0][:, s:].repeat(S, 1, 1)                 # [S*b, T-s, D]
-    for l in range(l0, lay.n_layers):
-        blk, attn = layers[l], layers[l].self_attn
-        x = blk.input_layernorm(h)
-        q = split_heads(attn.q_proj(x), lay.n_heads)
-        k = split_heads(torch.cat([cache.k[l][:, :s].repeat(S, 1, 1), attn.k_proj(x)], 1), lay.n_kv_heads)
-        v = split_heads(torch.cat([cache.v[l][:, :s].repeat(S, 1, 1), attn.v_proj(x)], 1), lay.n_kv_heads)
-        if l in received:
-            new = split_heads(received[l].flatten(0, 1), lay.n_heads if kind == "q" else lay.n_kv_heads)
-            for head in receivers[l]:
-                if kind == "q":
-                    q[rows, local, head] = new[:, head]
-                else:
-                    kv = lay.kv_head(head)
-                    v[rows, local + s, kv] = new[:, kv]
-        q = apply_rope(q, cos[:, s:], sin[:, s:])
-        k = apply_rope(k, cos, sin)
-        z = _attend(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lay.group_size, qpos, key_mask)
-        h = h + attn.o_proj(merge_heads(z))
-        h = h + blk.mlp(blk.post_attention_layernorm(h))
-    last = (batch.last_pos - s).repeat(S)
-    return _answer_prob(lm_head(norm(h[rows, last])), batch.answer_ids.repeat(S)).view(S, b)
+    rep = lambda x: x.repeat(S, *[1] * (x.ndim - 1))
+
+    def edit(x, name):                                           # the receivers' query / value at `pos`
+        l = lay.layer_of(name)
+        x = x.clone()
+        xs, new = lay.heads(x, kind), lay.heads(received[l].flatten(0, 1), kind)
+        for head in receivers[l]:
+            j = head if kind == "q" else lay.kv_head(head)
+            xs[rows, local, j] = new[:, j]
+        return x
+
+    past = _prefix_cache(cache, s, S) if s else None
+    keep = T - int(batch.last_pos.min())                         # logits only where some prompt ends
+    layers = get_module(model, lay.prefix)
+    with _start_at(layers, l0, rep(cache.resid_pre[l0][:, s:])), \
+            TraceDict(model, [lay.module(l, kind) for l in received], retain_output=False, edit_output=edit):
+        logits = model(input_ids=rep(batch.input_ids[:, s:]), attention_mask=rep(batch.attention_mask),
+                       position_ids=rep(batch.position_ids[:, s:]), past_key_values=past, use_cache=True,
+                       **({"logits_to_keep": keep} if _takes(model, "logits_to_keep") else {})).logits
+    if past is not None and not all(l < len(past.layers) and past.layers[l].used for l in range(l0, lay.n_layers)):
+        raise EngineUnsupportedError(f"the attention of {lay.family} did not read the cache of keys and values it was "
+                                     "given, so the engine cannot run it; use method='naive' (the paper's loop).")
+    last = (batch.last_pos - (T - logits.shape[1])).repeat(S)
+    return _answer_prob(logits[rows, last], batch.answer_ids.repeat(S)).view(S, b)
+
+
+def _takes(model, arg: str) -> bool:
+    "Whether the forward of `model` (under a peft wrapper, of its base model) takes the keyword `arg`."
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return arg in inspect.signature(base.forward).parameters
 
 # %% ../nbs/06_path_patching.ipynb #175784b2
 def _chunks(batch: BoxesBatch, size: int):
@@ -189,38 +230,36 @@ def _receivers_by_layer(receivers, sender_layer: int) -> dict[int, list[int]]:
 
 # %% ../nbs/06_path_patching.ipynb #199034a1
 class EngineUnsupportedError(TypeError):
-    "The engine re-implements Llama's decoder layer; this model's layer computes something else."
+    "The engine cannot run this model (its layers mix positions outside attention, or it takes no cache)."
+
+
+ENGINE_LAYER_TYPES = ("full_attention", "sliding_attention")
+"Decoder-layer types (`config.layer_types`) the engine runs: attention, over every earlier position or a window."
 
 
 def engine_unsupported(model, seq_len: int | None = None) -> str | None:
-    """Why the engine cannot run `model` (None if it can): the engine recomputes Llama's decoder layer by hand
-    (pre-norm, RoPE, softmax attention, `residual + o_proj`, pre-norm MLP), so any other computation would give
-    silently wrong scores. Checked: the layer's norms, q/k norms, logit soft-capping, scaled embeddings, sliding
-    windows."""
-    lay = attention_layout(model)
+    """Why the engine cannot run `model` (None if it can). The engine runs the model's own layers, so it needs only
+    what its two savings rely on: decoder layers that mix positions through attention alone (`config.layer_types`
+    within `ENGINE_LAYER_TYPES`: no recurrent, linear-attention or convolution layers), a decoder-only model, and a
+    forward pass that takes a cache of keys and values (`past_key_values`); an attention that ignores the cache is
+    caught when it runs. `seq_len` is kept for callers of earlier versions: no prompt length is refused now."""
+    lay = attention_layout(model)   # a clear TypeError for a model whose heads cannot be found
     config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", type(model).__name__)
-    layer = get_module(model, lay.prefix)[0]
-    extra = [n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)]
-    if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm")) or extra:
-        return f"{kind} decoder layers normalise differently from Llama's ({', '.join(extra) or 'no input_layernorm'})"
-    qk = [n for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]
-    if qk:
-        return f"{kind} attention normalises queries and keys ({', '.join(qk)})"
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, field, None):
-            return f"{kind} soft-caps its logits ({field}={getattr(config, field)})"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and seq_len is not None and seq_len > window:
-        return f"{kind} attends within a sliding window of {window} tokens, shorter than these prompts ({seq_len})"
-    if kind not in ENGINE_MODEL_TYPES:
-        return f"the engine has not been checked against the paper's loop on {kind} models"
+    kind = getattr(config, "model_type", None) or lay.family
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{kind} is an encoder-decoder model; the engine runs decoder-only models"
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - set(ENGINE_LAYER_TYPES))
+    if other:
+        return (f"{kind} has decoder layers of type {', '.join(other)}, which mix positions outside attention or keep "
+                "a state other than keys and values")
+    if not _takes(model, "past_key_values"):
+        return f"the forward pass of {kind} takes no cache of keys and values (past_key_values)"
     return None
 
 
-ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")
-"Model types whose decoder layer the engine reproduces (each checked against the paper's loop in the tests)."
-
+ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt2",
+                      "gpt_neox")
+"Model types on which the engine is checked against the paper's loop in the tests (tiny random models)."
 
 # %% ../nbs/06_path_patching.ipynb #e47437a8
 def _validate(model, group: str, receivers, method: str, seq_len: int | None = None):
@@ -259,27 +298,26 @@ def patching_cache(model, clean: BoxesBatch, corrupt: BoxesBatch, batch_size: in
     "Run the clean and corrupt prompts once; every group's path patching then reuses the result."
     _check_pair(clean, corrupt)
     return PatchingCache([PatchingChunk(c, x, _clean_cache(model, c),
-                                        [merge_heads(z) for z in capture_heads(model, x, "o")])
+                                        [merge_heads(z) for z in capture_heads(model, x.model_inputs(), "o")])
                           for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size))])
 
 # %% ../nbs/06_path_patching.ipynb #076d910b
 @torch.no_grad()
 def _engine_chunk(model, clean: BoxesBatch, cache: _Cache, corrupt_z: list, path: GroupPath, receivers) -> torch.Tensor:
     "Relative change of the answer probability, per sender `[L, H, b]`, for one chunk of prompts."
-    parts = model_parts(model)
-    lay = parts.layout
+    lay = attention_layout(model)
     pos = path.positions(clean)
     out = torch.zeros(lay.n_layers, lay.n_heads, len(clean), device=pos.device)
     heads = list(range(lay.n_heads))
     for layer in range(lay.n_layers):
         if path.receivers is None:
-            p = _sender_sweep(parts, cache, corrupt_z, clean, pos, layer, heads, {}, None)
+            p = _sender_sweep(model, lay, cache, corrupt_z, clean, pos, layer, heads, {}, None)
         else:
             recv = _receivers_by_layer(receivers, layer)
             if not recv:
                 continue  # no receiver above this layer: every score is exactly 0
-            received = _sender_sweep(parts, cache, corrupt_z, clean, pos, layer, heads, recv, path.receiver_kind)
-            p = _receiver_suffix(parts, cache, clean, pos, received, recv, path.receiver_kind)
+            received = _sender_sweep(model, lay, cache, corrupt_z, clean, pos, layer, heads, recv, path.receiver_kind)
+            p = _receiver_suffix(model, lay, cache, clean, pos, received, recv, path.receiver_kind)
         out[layer] = (p - cache.p_clean) / cache.p_clean
     return out
 
@@ -290,7 +328,7 @@ def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: GroupPath,
     _check_pair(clean, corrupt)
     lay = attention_layout(model)
     inputs = clean.model_inputs()
-    clean_z, corrupt_z = capture_heads(model, clean, "o"), capture_heads(model, corrupt, "o")
+    clean_z, corrupt_z = capture_heads(model, inputs, "o"), capture_heads(model, corrupt.model_inputs(), "o")
     pos, b = path.positions(clean), len(clean)
     ar = torch.arange(b, device=pos.device)
     prob = lambda logits: _answer_prob(logits[ar, clean.last_pos], clean.answer_ids)
@@ -311,9 +349,8 @@ def _naive_chunk(model, clean: BoxesBatch, corrupt: BoxesBatch, path: GroupPath,
             if path.receivers is not None:
                 def edit(x, name):                                    # step 2: receivers' inputs from step 1
                     l = lay.layer_of(name)
-                    x, new = x.clone(), td[name].output
-                    n = lay.n_heads if path.receiver_kind == "q" else lay.n_kv_heads
-                    xs, ns = split_heads(x, n), split_heads(new, n)
+                    x = x.clone()
+                    xs, ns = lay.heads(x, path.receiver_kind), lay.heads(td[name].output, path.receiver_kind)
                     for h in recv[l]:
                         j = h if path.receiver_kind == "q" else lay.kv_head(h)
                         xs[ar, pos, j] = ns[ar, pos, j]
@@ -365,7 +402,7 @@ def attribution_patching(model, clean: BoxesBatch, corrupt: BoxesBatch, position
     for c, x in zip(_chunks(clean, batch_size), _chunks(corrupt, batch_size)):
         pos = getattr(c, f"{position}_pos")
         ar = torch.arange(len(c), device=pos.device)
-        zc = capture_heads(model, x, "o", positions=pos)                   # [L, b, H, d]
+        zc = capture_heads(model, x.model_inputs(), "o", positions=pos)                   # [L, b, H, d]
         with torch.enable_grad(), TraceDict(model, names, retain_input=True, retain_grad=True) as td:
             logits = model(**c.model_inputs()).logits
             p = _answer_prob(logits[ar, c.last_pos], c.answer_ids)

@@ -25,9 +25,9 @@ _log = logging.getLogger("entity_circuits.results")
 
 # %% auto #0
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
-           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_circuit', 'step_dcm',
-           'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_extras', 'step_figures',
-           'root_for', 'reproduce', 'status']
+           'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_controlled',
+           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
+           'step_extras', 'step_figures', 'root_for', 'reproduce', 'status']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -53,6 +53,17 @@ def step_organisms(zoo: Zoo, root=None) -> dict:
 
 
 step_accuracy = step("accuracy")(stored_accuracy)
+
+
+@step("controlled")
+def step_controlled(zoo: Zoo, root=None) -> dict:
+    """The controlled experiment's effects, arm minus replay-only (`controlled_effects`), from the committed arms of the
+    base organism."""
+    if zoo.roles.get("base") != "organism-base":      # the arms are fine-tunes of the base organism
+        return {}
+    from entity_circuits.controlled import stored_controlled
+    table = stored_controlled(root)
+    return {} if table is None else {"controlled_effects": table}
 
 # %% ../nbs/11_reproduce.ipynb #5fb59197
 @step("circuit")
@@ -96,7 +107,8 @@ def step_dcm(zoo: Zoo, root=None) -> dict:
 
 @step("cmap")
 def step_cmap(zoo: Zoo, root=None) -> dict:
-    "The CMAP chapter's tables: the fine-tunes' head outputs (`cmap_outputs`) and q/k/v inputs (`cmap_inputs`) in the base."
+    """The CMAP chapter's tables: the fine-tunes' head outputs (`cmap_outputs`) and q/k/v inputs (`cmap_inputs`) in the
+    base."""
     if not zoo.need("base") or len(zoo.by_role()) < 2:
         return {}
     from entity_circuits.cmap import stored_cmap
@@ -215,7 +227,8 @@ def _figure_is_current(name: str, table: str, root=None) -> bool:
 
 @step("figures")
 def step_figures(zoo: Zoo, root=None) -> dict:
-    "Figures drawn from the stored tables (redrawn only when their table changed): accuracy, path patching, completeness."
+    """Figures drawn from the stored tables (redrawn only when their table changed): accuracy, path patching,
+    completeness."""
     if not is_writing():                     # an audit (`status`) or a reader draws nothing
         return {}
     import matplotlib.pyplot as plt
@@ -239,7 +252,8 @@ def step_figures(zoo: Zoo, root=None) -> dict:
 
 # %% ../nbs/11_reproduce.ipynb #9897c468
 def root_for(models: Sequence[str] | None) -> Path:
-    "`results_dir()` for the default zoo; `results_dir()/<model+model+...>` for another, so zoos never overwrite each other."
+    """`results_dir()` for the default zoo; `results_dir()/<model+model+...>` for another, so zoos never overwrite each
+    other."""
     if models is None or list(models) == default_models():
         return results_dir()
     return results_dir() / "+".join(Path(m).name for m in models)
@@ -278,7 +292,8 @@ def status(models: Sequence[str] | None = None, root=None, config: Config = Conf
                 pass                                   # listed in `seen`; the step cannot go on without it
         for s in seen:
             rows.setdefault(s.name, dict(step=name, table=s.name, state=s.state, why=s.why))
-    stored = sorted(p.stem for p in root.glob("*.json") if result_info(p.stem, root) is not None) if root.is_dir() else []
+    records = sorted(root.glob("*.json")) if root.is_dir() else []
+    stored = [p.stem for p in records if result_info(p.stem, root) is not None]
     rows |= {n: dict(step=None, table=n, state="unused", why="no step of this zoo asks for it")
              for n in stored if n not in rows}
     return pd.DataFrame(list(rows.values()), columns=["step", "table", "state", "why"])

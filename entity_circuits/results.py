@@ -239,14 +239,22 @@ def _read(name: str, root, info: dict | None, why: str, mode: _Mode) -> pd.DataF
     return load_result(name, root)
 
 # %% ../nbs/00_results.ipynb #cached2
-def _store(name: str, root, table: pd.DataFrame, key: dict, seconds: float, step: str | None) -> pd.DataFrame:
+def _function(compute) -> str:
+    "Where `compute` is defined, for a reader of the record: `module.qualname` (through `functools.partial`)."
+    fn = getattr(compute, "func", compute)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _store(name: str, root, table: pd.DataFrame, key: dict, seconds: float, step: str | None,
+           function: str) -> pd.DataFrame:
     "Write `table` (the CSV first, then the record that commits it) and return it as read back from the CSV."
     csv, meta = _paths(name, root)
     named = any(n is not None for n in table.index.names)   # a named index is data (`set_index("model")`): keep it
     data = (table.reset_index() if named else table).to_csv(index=False).encode()
     _atomic_write(csv, data)
     write_record(meta, {"name": name, **key, "csv_sha256": hashlib.sha256(data).hexdigest(), "rows": len(table),
-                        "step": step, "seconds": round(seconds, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                        "step": step, "function": function, "seconds": round(seconds, 2),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return pd.read_csv(csv)
 
 
@@ -271,7 +279,7 @@ def cached(name: str, compute: Callable[..., pd.DataFrame], params: dict, models
     table = compute(**params)
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"compute() for result {name!r} returned {type(table).__name__}, not a pandas DataFrame.")
-    table = _store(name, root, table, key, time.time() - t0, mode.step)
+    table = _store(name, root, table, key, time.time() - t0, mode.step, _function(compute))
     _log.info("%s: computed in %.1f s", name, time.time() - t0)
     return table
 

@@ -102,7 +102,8 @@ class StopForward(Exception):
 
 
 def _with_layer(fn: Callable, layer: str | None) -> Callable:
-    "`fn` as a function of one value: `fn(value, layer)` if `fn` accepts a second argument, else `fn` (baukit's convention)."
+    """`fn` as a function of one value: `fn(value, layer)` if `fn` accepts a second argument, else `fn` (baukit's
+    convention)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature
@@ -285,7 +286,8 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> str:
 
 # %% ../nbs/01_tracing.ipynb #c414fda1
 QKV_SPLITS = ("separate", "concat", "interleaved")
-"How q, k, v leave the attention's input projection(s): separate modules, `[q | k | v]`, or `[q_h | k_h | v_h]` per head."
+"""How q, k, v leave the attention's input projection(s): separate modules, `[q | k | v]`, or `[q_h | k_h | v_h]`
+per head."""
 
 
 @dataclass(frozen=True)
@@ -338,12 +340,15 @@ class AttentionLayout:
 
     def heads(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """`kind`'s heads `[..., n(kind), head_dim]` inside `x`, as a view: `x` is the input of the output projection
-        for 'o', the output of `module(layer, kind)` for 'q', 'k', 'v' (the fused projection's whole output if fused)."""
+        for 'o', the output of `module(layer, kind)` for 'q', 'k', 'v' (the fused projection's whole output if
+        fused)."""
         n, d = self.n(kind), self.head_dim
         width = (self.n_heads + 2 * self.n_kv_heads) * d if self.fused and kind != "o" else n * d
         if x.shape[-1] != width:
-            what = f"{self.n_heads} + 2 x {self.n_kv_heads} heads of the fused {self.q}" if width != n * d else f"{n} heads"
-            raise ValueError(f"expected a last dimension of {width} ({what} of {d}) for kind {kind!r}, got {x.shape[-1]}.")
+            what = (f"{self.n_heads} + 2 x {self.n_kv_heads} heads of the fused {self.q}" if width != n * d
+                    else f"{n} heads")
+            raise ValueError(f"expected a last dimension of {width} ({what} of {d}) for kind {kind!r}, "
+                             f"got {x.shape[-1]}.")
         if kind == "o" or not self.fused:
             return x.unflatten(-1, (n, d))
         if self.qkv_split == "concat":                        # [q | k | v] along the output
@@ -421,7 +426,8 @@ def attention_layout(model: nn.Module) -> AttentionLayout:
                             "transformers source.")
         q = k = v = fused
     if o is None or q is None:
-        missing = ([] if o is not None else ["no output projection"]) + ([] if q is not None else ["no q/k/v projections"])
+        missing = (([] if o is not None else ["no output projection"])
+                   + ([] if q is not None else ["no q/k/v projections"]))
         raise TypeError(f"{family} attention {prefix}.0.{attn_name} ({type(attn).__name__}, children: "
                         f"{', '.join(children) or 'none'}) has {' and '.join(missing)}: {looked}.")
     cfg = getattr(attn, "config", None) or getattr(model, "config", None)
@@ -491,11 +497,14 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/01_tracing.ipynb #ce469274
 def _as_inputs(inputs) -> dict:
-    "Accept a tensor of ids, a dict / BatchEncoding, or an object with `input_ids` and `attention_mask`."
+    """Accept a tensor of ids, a dict / BatchEncoding, an object with `model_inputs()` (a `BoxesBatch`: its
+    position ids too, which left padding shifts), or one with `input_ids` and `attention_mask`."""
     if isinstance(inputs, torch.Tensor):
         return {"input_ids": inputs}
     if isinstance(inputs, Mapping):
         return dict(inputs)
+    if callable(getattr(inputs, "model_inputs", None)):
+        return dict(inputs.model_inputs())
     if hasattr(inputs, "input_ids"):
         out = {"input_ids": inputs.input_ids}
         if getattr(inputs, "attention_mask", None) is not None:

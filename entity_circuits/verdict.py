@@ -19,9 +19,9 @@ from .results import load_result
 from .zoo import ROLES, SMOLLM2, role_of, table_name
 
 # %% auto #0
-__all__ = ['NOT_COMPUTED', 'FAITHFUL', 'MAIN_FUNCTION', 'CLAIMS', 'compare', 'judge', 'fmt', 'claim_math_accuracy',
-           'claim_chat_accuracy', 'claim_faithful', 'claim_functions', 'claim_cmap', 'claim_positional',
-           'verdict_table', 'format_verdict']
+__all__ = ['NOT_COMPUTED', 'FAITHFUL', 'CHAT_MARGIN', 'MATH_ARMS', 'POSITIVE_CONTROL', 'PROTOCOLS', 'MAIN_FUNCTION', 'CLAIMS',
+           'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy', 'claim_faithful', 'claim_functions',
+           'claim_cmap', 'claim_positional', 'verdict_table', 'format_verdict']
 
 # %% ../nbs/10b_verdict.ipynb #3f505583
 NOT_COMPUTED = "not computed"
@@ -74,51 +74,118 @@ def _paper_delta(roles) -> str:
             + f" (vs LLaMA-7B {base:.2f})")
 
 
+CHAT_MARGIN = 0.05
+"How close to its control chat's accuracy must be (both ends of the 95% CI) for 'chat does not raise accuracy' to hold."
+
+MATH_ARMS, POSITIVE_CONTROL = ("math-lora", "math-full"), "named-full"
+
+
+def _controlled(root, arms) -> pd.DataFrame | None:
+    "The controlled experiment's top-1 effects (`controlled_effects`) of `arms`, or None if not computed."
+    t = load_result("controlled_effects", root)
+    if t is None:
+        return None
+    t = t[(t.metric == "top1") & t.arm.isin(arms)].set_index("arm")
+    return t if set(arms) <= set(t.index) else None
+
+
+def _effect(r) -> str:
+    "An arm's effect against its control, its difference from the base beside it."
+    return (f"{r.Index} {fmt(r.effect, r.ci_low, r.ci_high, True)} vs {r.control} "
+            f"({fmt(r.vs_base, r.vs_base_low, r.vs_base_high, True)} vs base)")
+
+
 def claim_math_accuracy(root=None) -> dict:
-    "Math fine-tuning raises entity-tracking accuracy (Goat-7B, FLoat-7B vs LLaMA-7B)."
-    row = dict(claim="math fine-tuning raises accuracy", paper=_paper_delta(("math-lora", "math-full")),
-               SmolLM2=_smollm2_accuracy(root), evidence="accuracy_vs_base")
+    """Math fine-tuning raises entity-tracking accuracy (Goat-7B, FLoat-7B vs LLaMA-7B). Judged on the controlled
+    experiment when it is stored (`controlled_effects`): each math arm minus its replay-only control, 95% CI above 0.
+    If the positive control (named arithmetic) does not beat its control either, the organisms cannot show transfer
+    from any task, and a math arm that does not is 'not testable', not 'does not hold'. Without the controlled
+    experiment: each math fine-tune minus the base (`accuracy_vs_base`)."""
+    row = dict(claim="math fine-tuning raises accuracy", paper=_paper_delta(MATH_ARMS), SmolLM2=_smollm2_accuracy(root))
+    t = _controlled(root, (*MATH_ARMS, POSITIVE_CONTROL))
+    if t is not None:
+        math, positive = t.loc[list(MATH_ARMS)], t.loc[POSITIVE_CONTROL]
+        verdict = judge([compare(r.ci_low, r.ci_high, 0) for r in math.itertuples()])
+        transfer = compare(positive.ci_low, positive.ci_high, 0) == "above"
+        if verdict != "holds" and not transfer:
+            verdict = "not testable on these organisms"
+        text = "; ".join(map(_effect, t.loc[[*MATH_ARMS, POSITIVE_CONTROL]].itertuples()))
+        return dict(row, organisms=f"top-1, arm minus replay-only (seeds and prompts): {text} (positive control)",
+                    verdict=verdict, evidence="controlled_effects")
+    row["evidence"] = "accuracy_vs_base"
     t = load_result("accuracy_vs_base", root)
-    t = None if t is None else t[t.role.isin(["math-lora", "math-full"])]
+    t = None if t is None else t[t.role.isin(MATH_ARMS)]
     if t is None or t.empty:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    return dict(row, organisms="; ".join(f"{r.role} {fmt(r.value, r.ci_low, r.ci_high, True)}" for r in t.itertuples()),
+    return dict(row, organisms="; ".join(f"{r.role} {fmt(r.value, r.ci_low, r.ci_high, True)}"
+                                         for r in t.itertuples()),
                 verdict=judge([compare(r.ci_low, r.ci_high, 0) for r in t.itertuples()]))
 
 
+def _within_margin(lo: float, hi: float) -> str:
+    "'holds' if the CI lies within +-`CHAT_MARGIN`, 'does not hold' if above 0, 'partly' if below 0, else 'unclear'."
+    if -CHAT_MARGIN <= lo and hi <= CHAT_MARGIN:
+        return "holds"
+    side = compare(lo, hi, 0)
+    return {"above": "does not hold", "below": "partly"}.get(side, f"unclear (CI wider than +-{CHAT_MARGIN})")
+
+
 def claim_chat_accuracy(root=None) -> dict:
-    """Chat fine-tuning does not raise accuracy (Vicuna-7B about equal to LLaMA-7B). Holds if the difference's CI
-    contains 0; partly if it is all below 0 (no gain, but a loss the paper did not see); does not hold if above."""
+    """Chat fine-tuning does not raise accuracy (Vicuna-7B about equal to LLaMA-7B). Holds only if the difference's
+    95% CI lies within +-`CHAT_MARGIN`; does not hold if it is above 0; partly if below 0 (a loss the paper did not
+    see); unclear otherwise. The difference is chat minus its replay-only control when the controlled experiment is
+    stored, else chat minus the base."""
     row = dict(claim="chat fine-tuning does not raise accuracy", paper=_paper_delta(("chat",)),
-               SmolLM2=_smollm2_accuracy(root), evidence="accuracy_vs_base")
+               SmolLM2=_smollm2_accuracy(root))
+    t = _controlled(root, ("chat",))
+    if t is not None:
+        r = next(t.itertuples())
+        return dict(row, organisms=f"top-1, arm minus replay-only: {_effect(r)}",
+                    verdict=_within_margin(r.ci_low, r.ci_high), evidence="controlled_effects")
+    row["evidence"] = "accuracy_vs_base"
     t = load_result("accuracy_vs_base", root)
     t = None if t is None else t[t.role == "chat"]
     if t is None or t.empty:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     r = t.iloc[0]
-    side = compare(r.ci_low, r.ci_high, 0)
     return dict(row, organisms=f"chat {fmt(r.value, r.ci_low, r.ci_high, True)}",
-                verdict={"unclear": "holds", "below": "partly", "above": "does not hold"}[side])
+                verdict=_within_margin(r.ci_low, r.ci_high))
 
 
 # %% ../nbs/10b_verdict.ipynb #a73a57d8
+PROTOCOLS = {"ablate": "the paper's protocol", "keep": "context kept"}
+"Table 1's two ablation contexts, the paper's first: every other head mean-ablated at every position, or at the last."
+
+
 def claim_faithful(root=None) -> dict:
-    "The base circuit is faithful in the fine-tuned models (faithfulness, context kept, clearly at least `FAITHFUL`)."
+    """The base circuit is faithful in the fine-tuned models (faithfulness clearly at least `FAITHFUL`). Judged under
+    the paper's protocol first, where it can be tested only if the circuit is faithful in the base itself; with the
+    context kept beside it. Where the paper's protocol cannot test it, the verdict says so and gives the context-kept
+    one."""
     paper = "; ".join(f"{r['paper model']} {r['paper faithfulness']:.2f}" for role, r in PAPER_TABLE1.iterrows()
                       if role != "base")
     row = dict(claim="the base circuit is faithful in the fine-tuned models", paper=paper,
                SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="table1")
     t = load_result("table1", root)
-    t = None if t is None else t[(t.metric == "faithfulness") & (t.context == "keep")]
+    t = None if t is None else t[t.metric == "faithfulness"]
     if t is None or t[t.role != "base"].empty:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
-    cell = lambda r: f"{r.role} {fmt(r.value, r.ci_low, r.ci_high)}"
-    base = [f"; for scale, in the base itself {fmt(r.value, r.ci_low, r.ci_high)}"
-            for r in t[t.role == "base"].itertuples()]
-    t = t[t.role != "base"]
-    return dict(row, organisms="; ".join(map(cell, t.itertuples())) + f" (context kept; faithful = at least {FAITHFUL}"
-                + "".join(base) + ")", verdict=judge([compare(r.ci_low, r.ci_high, FAITHFUL) for r in t.itertuples()]))
-
+    parts, verdicts = [], {}
+    for context, label in PROTOCOLS.items():
+        d = t[t.context == context]
+        tuned, base = d[d.role != "base"], d[d.role == "base"]
+        if tuned.empty:
+            continue
+        testable = base.empty or compare(base.ci_low.iloc[0], base.ci_high.iloc[0], FAITHFUL) == "above"
+        verdicts[context] = (judge([compare(r.ci_low, r.ci_high, FAITHFUL) for r in tuned.itertuples()]) if testable
+                             else "not testable (the circuit is not faithful in the base itself)")
+        cells = "; ".join(f"{r.role} {fmt(r.value, r.ci_low, r.ci_high)}" for r in tuned.itertuples())
+        own = "".join(f", in the base itself {fmt(r.value, r.ci_low, r.ci_high)}" for r in base.itertuples())
+        parts.append(f"{label}: {cells}{own}")
+    first = next(iter(verdicts.values()))
+    if first.startswith("not testable") and "keep" in verdicts and len(verdicts) > 1:
+        first = f"not testable under the paper's protocol; context kept: {verdicts['keep']}"
+    return dict(row, organisms=" | ".join(parts) + f" (faithful = at least {FAITHFUL})", verdict=first)
 
 # %% ../nbs/10b_verdict.ipynb #2a8e9523
 MAIN_FUNCTION = {"value_fetcher": "object", "pos_transmitter": "position", "pos_detector": "position",

@@ -34,6 +34,8 @@ def test_the_check_fails_on_a_changed_table_and_on_a_bumped_version(smoke, tmp_p
     pd.read_csv(copy / "table1.csv").iloc[1:].to_csv(copy / "table1.csv", index=False)
     (copy / "versions.json").write_text((copy / "versions.json").read_text().replace('"dcm_base": 1', '"dcm_base": 2'))
     problems = "\n".join(differences(smoke, copy))
-    assert "accuracy: behaviour changed (value differ) while its version stayed 1: bump its version" in problems
-    assert "table1: behaviour changed (its rows differ)" in problems
+    assert "accuracy (computed by entity_circuits.evaluate.stored_accuracy.<locals>.<lambda>): behaviour changed (value " \
+           "differ) while its version stayed 1: bump its version" in problems, problems
+    assert "table1 (computed by entity_circuits.circuit.stored_table1.<locals>.table1): behaviour changed (its rows " \
+           "differ)" in problems, problems
     assert "dcm_base: version 2 -> 1" in problems

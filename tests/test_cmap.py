@@ -253,12 +253,21 @@ def test_unknown_group_and_bad_arguments(models, batch):
 
 
 def test_o_proj_with_bias_or_in_training_mode(batch):
+    # a bias is the layer's, written once: each head's write leaves it out, and patching a model's own writes into
+    # it changes nothing (GPT-2's c_proj and GPT-NeoX's dense have one; tests/test_families.py runs them)
     biased = _tiny(0, attention_bias=True)
-    with pytest.raises(ValueError, match="bias"):
-        head_contributions(biased, batch, [(1, 0)])
-    with pytest.raises(ValueError, match="bias"):
-        with cmap_patch(biased, batch, head_contributions(_tiny(1), batch, [(1, 0)])):
-            pass
+    heads = [(1, h) for h in range(4)]
+    every = head_contributions(biased, batch, heads, None)
+    o = _o_proj(biased, 1)
+    with torch.no_grad(), TraceDict(biased, [attention_layout(biased).module(1, "o")]) as td:
+        biased(**batch.model_inputs())
+    torch.testing.assert_close(every.values.sum(0) + o.bias, next(iter(td.values())).output, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = biased(**batch.model_inputs()).logits
+        with cmap_patch(biased, batch, head_contributions(biased, batch, heads, "last_pos")):
+            torch.testing.assert_close(biased(**batch.model_inputs()).logits, plain, atol=1e-5, rtol=1e-5)
+        with cmap_patch(biased, batch, head_contributions(_tiny(1, attention_bias=True), batch, heads, "last_pos")):
+            assert not torch.allclose(biased(**batch.model_inputs()).logits, plain)
     lora = _lora(_tiny()).train()
     with pytest.raises(ValueError, match="eval"):
         head_contributions(lora, batch, [(1, 0)])

@@ -14,7 +14,7 @@ from entity_circuits.circuit import minimality, overlap, prune
 from entity_circuits.data import corrupt_for_path_patching, encode, sample_boxes
 from entity_circuits.models import load_model
 from entity_circuits.path_patching import GROUPS, Circuit
-from entity_circuits.tracing import TraceDict, attention_layout, capture_heads, split_heads, tiny_llama
+from entity_circuits.tracing import attention_layout, capture_heads, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +29,39 @@ def batch(tok):
 
 
 @pytest.mark.parametrize("kv", [4, 2])
-def test_rope_and_attend_reproduce_the_models_own_attention(tok, batch, kv):
-    "q, k, v from the projections, `apply_rope` with the cache's tables and `_attend` give the o_proj input, per head."
+def test_clean_cache_holds_the_models_own_keys_and_values(tok, batch, kv):
+    "The cache's keys are the k projections rotated by RoPE (`apply_rope`), its values the v projections, per layer."
     model = tiny_llama(n_layers=2, n_heads=4, n_kv_heads=kv, head_dim=8, vocab_size=len(tok), seed=kv).eval()
     lay = attention_layout(model)
     cache = pp._clean_cache(model, batch)
-    want = capture_heads(model, batch, "o")                         # [L, b, T, H, d]
-    names = [lay.module(l, k) for l in range(lay.n_layers) for k in "qkv"]
-    with torch.no_grad(), TraceDict(model, names) as td:
-        model(**batch.model_inputs())
-    T = batch.input_ids.shape[1]
+    k = capture_heads(model, batch.model_inputs(), "k", expand_kv=False)            # [L, b, T, kv, d], before RoPE
+    v = capture_heads(model, batch.model_inputs(), "v", expand_kv=False)
+    cos, sin = pp.model_parts(model).rotary(k[0], batch.position_ids)
     for l in range(lay.n_layers):
-        attn = pp.model_parts(model)[1][l].self_attn
-        q, k, v = (split_heads(td[lay.module(l, x)].output, n) for x, n in
-                   (("q", lay.n_heads), ("k", lay.n_kv_heads), ("v", lay.n_kv_heads)))
-        q, k = pp.apply_rope(q, cache.cos, cache.sin), pp.apply_rope(k, cache.cos, cache.sin)
-        z = pp._attend(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lay.group_size,
-                       torch.arange(T), batch.attention_mask)
-        real = batch.attention_mask.bool()                          # padded query rows are not compared
-        torch.testing.assert_close(z[real], want[l][real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.values[l], v[l].transpose(1, 2))
+        torch.testing.assert_close(cache.keys[l], pp.apply_rope(k[l], cos, sin).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.z[1], capture_heads(model, batch.model_inputs(), "o")[1].flatten(-2))
+
+
+def test_start_at_puts_the_layers_back_even_after_an_error(tok, batch):
+    model = tiny_llama(n_layers=3, n_heads=4, vocab_size=len(tok)).eval()
+    layers = list(model.model.layers)
+    with pytest.raises(RuntimeError, match="boom"), pp._start_at(model.model.layers, 2, torch.zeros(1)):
+        assert isinstance(model.model.layers[1], pp._Known) and model.model.layers[2] is layers[2]
+        raise RuntimeError("boom")
+    assert list(model.model.layers) == layers
+
+
+def test_prefix_cache_repeats_without_growing(tok, batch):
+    model = tiny_llama(n_layers=2, n_heads=4, vocab_size=len(tok)).eval()
+    cache = pp._clean_cache(model, batch)
+    past = pp._prefix_cache(cache, 5, repeats=3)
+    _, n_kv, _, d = cache.keys[1].shape
+    k_new = torch.randn(3 * len(batch), n_kv, 2, d)
+    k, v = past.layers[1].update(k_new, k_new)
+    assert k.shape == (3 * len(batch), n_kv, 7, d) and torch.equal(k[2 * len(batch):, :, :5], cache.keys[1][:, :, :5])
+    assert torch.equal(k[:, :, 5:], k_new) and past.get_seq_length() == 5 and past.layers[1].used
+    assert not past.layers[0].used
 
 
 def test_answer_prob_is_the_softmax_probability():

@@ -116,3 +116,34 @@ def test_unknown_design_and_task_are_refused():
         org.FineTune("poetry", lora=False)
     with pytest.raises(ValueError, match="include every role"):
         train_organisms(OrganismRecipe.smoke(), "/nonexistent", designs=("chat",))
+
+
+# --- the controlled experiment's stream: the exposed objects in, the unseen ones and the template out ----------
+
+from entity_circuits.controlled import ARMS  # noqa: E402
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_shared_vocabulary_stream_exposes_e_and_never_u(arm):
+    """Every batch of a controlled-experiment arm, read as text: no 'Box' and no unseen (U) object word; the replay
+    shows exposed (E) words; a replay-only arm's batch is exactly the replay rows of a task arm of the same seed."""
+    tok, recipe = organism_tokenizer(), OrganismRecipe()
+    design, n_replay = ARMS[arm], round(recipe.ft_replay * recipe.batch_size)
+    stream = org.fine_tune_stream(tok, design, recipe, seed=0, vocabulary="shared")
+    matched = org.fine_tune_stream(tok, ARMS["math-full"], recipe, seed=0, vocabulary="shared")
+    banned, seen = {"Box", *corpus.UNSEEN}, set()
+    for _ in range(100):
+        ids, mask = next(stream)
+        rows = n_replay if design.task is None else recipe.batch_size
+        assert ids.shape == (rows, recipe.ft_seq_len)
+        words = set(tok.convert_ids_to_tokens(ids.flatten().unique().tolist()))
+        assert not words & banned, words & banned
+        seen |= set(tok.convert_ids_to_tokens(ids[-n_replay:].flatten().unique().tolist()))
+        other, _ = next(matched)
+        assert torch.equal(ids[-n_replay:], other[-n_replay:])          # the same replay rows, step by step
+    assert len(seen & set(corpus.EXPOSED)) >= 30                         # most E words appear within 100 steps
+
+
+def test_vocabulary_is_checked():
+    with pytest.raises(ValueError, match="unknown vocabulary"):
+        next(org.fine_tune_stream(organism_tokenizer(), ARMS["chat"], OrganismRecipe(), vocabulary="mixed"))

@@ -8,9 +8,10 @@ import torch
 from entity_circuits.circuit import ablated_predictions, evaluate_circuit, head_means, random_circuits
 from entity_circuits.data import corrupt_for_path_patching, encode, sample_boxes
 from entity_circuits.models import load_model
-from entity_circuits.path_patching import (GROUPS, Circuit, attribution_patching, choose_k, paper_asset,
+from entity_circuits.path_patching import (ENGINE_MODEL_TYPES, GROUPS, Circuit, EngineUnsupportedError,
+                                           attribution_patching, choose_k, engine_unsupported, paper_asset,
                                            paper_circuit, path_patching, top_heads)
-from entity_circuits.tracing import patch_heads, tiny_llama
+from entity_circuits.tracing import TINY_FAMILIES, patch_heads, tiny_llama, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,88 @@ def test_engine_on_unmerged_lora_equals_naive(tok, pair):
         fast = path_patching(model, clean, corrupt, g, r, progress=False)
         slow = path_patching(model, clean, corrupt, g, r, method="naive", progress=False)
         np.testing.assert_allclose(fast, slow, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- every family
+FAMILY_RECEIVERS = {"value_fetcher": None, "pos_transmitter": [(3, 1), (2, 0)], "pos_detector": [(2, 2), (1, 3)],
+                    "struct_reader": [(1, 0), (2, 1), (3, 3)]}
+WINDOWED = {"mistral", "gemma2", "gemma3_text", "qwen2"}   # given a sliding window (8) shorter than the prompts
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    from entity_circuits.data import word_level_tokenizer
+    return word_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def padded_pair(word_tok):
+    "Prompts of two lengths, left-padded, and their corrupt counterparts (same token layout)."
+    a, b = sample_boxes(4, 4, seed=3), sample_boxes(3, 2, seed=5)
+    clean = encode(a + b, word_tok)
+    corrupt = encode(corrupt_for_path_patching(a, seed=4) + corrupt_for_path_patching(b, seed=6), word_tok)
+    assert (clean.attention_mask == 0).any()
+    return clean, corrupt
+
+
+def family_model(family, vocab_size, seed=0):
+    extra = {"sliding_window": 8} if family in WINDOWED else {}
+    if family == "qwen2":
+        extra |= {"use_sliding_window": True, "max_window_layers": 1}   # layers 1-3 windowed
+    if family == "gemma2":
+        extra |= {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    return tiny_model(family, n_layers=4, vocab_size=vocab_size, seed=seed, **extra)
+
+
+def test_every_tiny_family_is_checked():
+    assert set(ENGINE_MODEL_TYPES) <= set(TINY_FAMILIES)
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2"} <= set(ENGINE_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("family", ENGINE_MODEL_TYPES)
+def test_engine_equals_the_papers_loop_on_every_family(family, word_tok, padded_pair):
+    "All four groups, left padding, grouped-query attention where the family has it, sliding windows, soft-capping."
+    clean, corrupt = padded_pair
+    model = family_model(family, len(word_tok))
+    assert model.config.model_type == family and engine_unsupported(model) is None
+    for group, receivers in FAMILY_RECEIVERS.items():
+        slow = path_patching(model, clean, corrupt, group, receivers, batch_size=4, method="naive", progress=False)
+        fast = path_patching(model, clean, corrupt, group, receivers, batch_size=4, progress=False)
+        assert np.isfinite(slow).all() and np.abs(slow).max() > 0, group
+        assert np.abs(fast - slow).max() < 1e-5, (group, np.abs(fast - slow).max())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3", "gpt2"])
+def test_engine_on_unmerged_lora_equals_the_papers_loop_on_other_families(family, word_tok, padded_pair):
+    from peft import LoraConfig, get_peft_model
+    targets = {"gemma2": ["q_proj", "v_proj", "o_proj", "up_proj"], "qwen3": ["q_proj", "v_proj", "o_proj"],
+               "gpt2": ["c_attn", "c_proj", "c_fc"]}[family]
+    torch.manual_seed(0)
+    model = get_peft_model(family_model(family, len(word_tok)),
+                           LoraConfig(r=2, target_modules=targets, init_lora_weights=False,
+                                      fan_in_fan_out=family == "gpt2")).eval()
+    clean, corrupt = padded_pair
+    for group, receivers in FAMILY_RECEIVERS.items():
+        slow = path_patching(model, clean, corrupt, group, receivers, batch_size=7, method="naive", progress=False)
+        fast = path_patching(model, clean, corrupt, group, receivers, batch_size=7, progress=False)
+        assert np.abs(slow).max() > 0 and np.abs(fast - slow).max() < 1e-5, group
+
+
+def test_engine_refuses_what_it_cannot_run(word_tok, padded_pair):
+    "Layers that mix positions outside attention are refused up front; an attention that ignores the cache, at run time."
+    clean, corrupt = padded_pair
+    model = family_model("llama", len(word_tok))
+    model.config.layer_types = ["full_attention", "linear_attention"] * 2
+    assert "linear_attention" in engine_unsupported(model)
+    with pytest.raises(EngineUnsupportedError, match="method='naive'"):
+        path_patching(model, clean, corrupt, "value_fetcher", progress=False)
+    model.config.layer_types = None
+    attn = model.model.layers[3].self_attn
+    forward = attn.forward
+    attn.forward = lambda *a, past_key_values=None, attention_mask=None, **k: forward(   # ignores the cache
+        *a, past_key_values=None, attention_mask=None, **k)
+    with pytest.raises(EngineUnsupportedError, match="cache of keys and values"):
+        path_patching(model, clean, corrupt, "pos_transmitter", [(3, 1)], progress=False)
 
 
 def test_clean_as_corrupt_scores_zero(tok, pair):

@@ -158,7 +158,7 @@ def test_zoo_roles_and_roots(tmp_path, monkeypatch):
     monkeypatch.setenv("ENTITY_CIRCUITS_RESULTS", str(tmp_path))
     assert root_for(None) == tmp_path and root_for(default_models()) == tmp_path
     assert root_for(["llama-7b", "goat-7b"]) == tmp_path / "llama-7b+goat-7b"
-    assert list(STEPS)[:4] == ["organisms", "accuracy", "circuit", "table1"]
+    assert list(STEPS)[:5] == ["organisms", "accuracy", "controlled", "circuit", "table1"]
 
 
 def test_command_line(capsys, tmp_path):

@@ -183,7 +183,7 @@ def test_errors_speak_to_the_user(ids):
             pass
     with pytest.raises(ValueError, match="kind"):
         capture_heads(model, ids, "x")
-    with pytest.raises(TypeError, match="Llama-family"):
+    with pytest.raises(TypeError, match="does not look like a decoder-only transformer: expected a ModuleList"):
         attention_layout(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
@@ -196,3 +196,52 @@ def test_tiny_llama_refuses_keywords_that_would_set_nothing():
     model = tiny_llama(vocab_size=50, attn_implementation="eager", rms_norm_eps=1e-5)   # real LlamaConfig keywords pass
     assert model.config.vocab_size == 50 and model.config._attn_implementation == "eager"
     assert model.config.rms_norm_eps == 1e-5
+
+
+def test_importing_the_package_leaves_the_allocator_alone():
+    "No side effect at import: nothing calls mallopt until `keep_freed_memory()` is called (the opt-in)."
+    import subprocess
+    import sys
+    code = """
+import ctypes
+class Guard(ctypes.CDLL):
+    def __getattr__(self, name):
+        if name == "mallopt":
+            raise AssertionError("mallopt called")
+        return super().__getattr__(name)
+ctypes.CDLL = Guard
+import entity_circuits, entity_circuits.tracing, entity_circuits.cmap, entity_circuits.knockout, entity_circuits.dcm
+import entity_circuits.path_patching, entity_circuits.evaluate, entity_circuits.zoo
+assert not hasattr(entity_circuits.tracing, "MALLOC")
+try:
+    entity_circuits.tracing.keep_freed_memory({})
+except AssertionError as e:
+    print("opt-in calls mallopt:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    import platform
+    if platform.libc_ver()[0] == "glibc":
+        assert "opt-in calls mallopt" in out.stdout
+
+
+def test_hooks_decide_how_to_call_an_edit_once():
+    "The layer-argument convention is read from the edit's signature when the trace is made, not on every call."
+    import inspect
+    model, calls = tiny_llama(), []
+    real = inspect.signature
+    def counting(fn, *a, **k):
+        calls.append(fn)
+        return real(fn, *a, **k)
+    ids = torch.randint(0, 64, (1, 5))
+    inspect.signature = counting
+    try:
+        with torch.no_grad(), TraceDict(model, ["model.layers.0.mlp", "model.layers.1.mlp"],
+                                        edit_output=lambda y, layer: y):
+            calls.clear()
+            for _ in range(3):
+                model(ids)
+    finally:
+        inspect.signature = real
+    assert calls == []

@@ -76,6 +76,7 @@ def _same(a, b) -> bool:
 def differences(root: Path, snapshot: Path = SNAPSHOT) -> list[str]:
     "What differs between the smoke tables under `root` and the snapshot: one line per table, naming what to do."
     import pandas as pd
+    from entity_circuits.results import result_info
     fresh, known = tables(root), json.loads((snapshot / "versions.json").read_text())
     refresh = "refresh the snapshot (python tools/smoke_snapshot.py)"
     out = [f"{n}: no longer computed: {refresh}" for n in sorted(set(known) - set(fresh))]
@@ -88,7 +89,9 @@ def differences(root: Path, snapshot: Path = SNAPSHOT) -> list[str]:
         what = ("its columns" if list(new.columns) != list(old.columns) else "its rows" if len(new) != len(old)
                 else ", ".join(c for c in new.columns if not _same(new[c], old[c])))
         if what:
-            out.append(f"{name}: behaviour changed ({what} differ) while its version stayed {fresh[name]}: bump its "
+            function = (result_info(name, root) or {}).get("function", "?")
+            out.append(f"{name} (computed by {function}): behaviour changed ({what} differ) while its version stayed "
+                       f"{fresh[name]}: bump its "
                        f"version (cached(..., version={fresh[name] + 1})), recompute (entity-circuits reproduce) and "
                        f"{refresh}")
     return out
