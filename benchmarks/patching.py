@@ -41,7 +41,7 @@ METHODS = ("naive", "nnsight", "engine")
 EXTRA_GROUPS = ("pos_detector", "struct_reader")   # re-run with every last-layer head as a receiver (see worker)
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 # the hook-overhead workers' environments (glibc's own MALLOC_* variables are removed from both)
-ALLOCATORS = {"glibc defaults": {"ENTITY_CIRCUITS_MALLOC": "default"}, "as imported": {}}
+ALLOCATORS = {"glibc defaults": {"ENTITY_CIRCUITS_MALLOC": "default"}, "opted in": {}}
 SPEED_TARGET, HOOK_TARGET = 10.0, 1.02                           # the issues' targets: engine >= 10x, hooks <= 1.02x
 DEEP_SPEED_TARGET, DEEP_LAYERS = 30.0, 12                        # ... and >= 30x on a deep model (SmolLM2: 30 layers;
                                                                   # the organisms have 4)
@@ -520,7 +520,7 @@ def main(argv=None):
         print("\nhook overhead: forward pass under TraceDict(every o_proj, retain_input=True) / plain forward pass "
               "(median of per-turn ratios; 'with' times entering and leaving the TraceDict too, 'registered' only "
               "the pass; 'control' is a plain pass over another plain pass: the noise floor), each allocator in its "
-              f"own fresh worker ('as imported' = with the opt-in `keep_freed_memory()` called: "
+              f"own fresh worker ('opted in' = with `keep_freed_memory()` called: "
               f"{', '.join(f'{k}={v}' for k, (_, v) in MALLOC_SETTINGS.items())}; 'glibc defaults' = ENTITY_CIRCUITS_MALLOC=default)")
         print("| malloc | prompts | turns | plain (ms) | with (ms) | registered (ms) | ratio with | ratio registered "
               "| ratio control | cost with (us) | cost registered (us) | page faults / pass |")
