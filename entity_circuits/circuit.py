@@ -21,7 +21,7 @@ from .groups import GROUPS, Circuit
 from .path_patching import apply_rope, discover_circuit, discovery_prompts, model_parts
 from .results import MissingResult, cached, load_result, results_dir
 from .tracing import attention_layout, capture_heads, patch_heads
-from .zoo import TEST_SEED, Zoo, table_name
+from .zoo import DISCOVERY_SEED, TEST_SEED, Zoo, table_name
 
 # %% auto #0
 __all__ = ['MEANS_SEED', 'POSITIONS', 'head_means', 'ablated_predictions', 'circuit_accuracy', 'random_circuits',
@@ -257,19 +257,19 @@ def find_circuit_stored(zoo: Zoo, role: str, n: int | None = None, pool: int | N
                                   candidate_rank=rank.get((g, (l, h)), -1), n=n, seed=seed)
                              for g in GROUPS for l in range(scores[g].shape[0]) for h in range(scores[g].shape[1])])
 
-    scores = cached(table_name("path_patching", name), patch, dict(n=n, pool=pool, seed=0, n_boxes=7, fraction=0.1),
-                    [name], root)
+    scores = cached(table_name("path_patching", name), patch,
+                    dict(n=n, pool=pool, seed=DISCOVERY_SEED, n_boxes=7, fraction=0.1), [name], root)
     candidates = circuit_from_rows(scores[scores.candidate_rank >= 0], by="candidate_rank")
 
     def mini(candidates, n, seed, n_means, means_seed, max_k, context) -> pd.DataFrame:
-        circuit, test = Circuit.from_dict(candidates), zoo.test_prompts(n, seed)
+        circuit, prompts = Circuit.from_dict(candidates), zoo.test_prompts(n, seed)   # seed: the discovery seed
         means = zoo_means(zoo, name, n_means, means_seed)
-        t = minimality_table(model, tok, circuit, test, means, max_k=max_k, context=context)
+        t = minimality_table(model, tok, circuit, prompts, means, max_k=max_k, context=context)
         t.insert(0, "model", name)
         return t
 
-    mini_params = dict(candidates=candidates.to_dict(), n=cfg.n_minimality, seed=TEST_SEED, n_means=cfg.n_means,
-                       means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
+    mini_params = dict(candidates=candidates.to_dict(), n=cfg.n_minimality, seed=DISCOVERY_SEED,
+                       n_means=cfg.n_means, means_seed=MEANS_SEED, max_k=cfg.minimality_k, context="keep")
     mini_t = cached(table_name("minimality", name), mini, mini_params, [name], root)
 
     def minimal(threshold, **minimality_params) -> pd.DataFrame:   # those of the table pruned: its provenance

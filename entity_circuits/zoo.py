@@ -19,8 +19,8 @@ from .data import BoxesExample, _as_list, encode, sample_boxes, usable_labels, u
 from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model, progress_disabled
 
 # %% auto #0
-__all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'role_of', 'smollm2_available', 'default_models', 'model_folder', 'table_name',
-           'Config', 'Zoo', 'predictions']
+__all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'DISCOVERY_SEED', 'role_of', 'smollm2_available', 'default_models', 'model_folder',
+           'table_name', 'Config', 'Zoo', 'predictions']
 
 # %% ../nbs/04b_zoo.ipynb #42be846f
 ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
@@ -58,6 +58,9 @@ def table_name(kind: str, model: str) -> str:
 # %% ../nbs/04b_zoo.ipynb #b721264f
 TEST_SEED = 0
 "Seed of the held-out test prompts (the organisms' training used other seeds for its selection sets)."
+DISCOVERY_SEED = 1000
+"""Seed of the prompts that find a circuit (path patching's candidates, minimality): never the test prompts', so a
+circuit is evaluated on prompts it was not found on."""
 
 # %% ../nbs/04b_zoo.ipynb #243bda95
 @dataclass(frozen=True)
