@@ -20,7 +20,7 @@ from .data import encode
 from .models import MANIFEST_NAME, organisms_dir, write_manifest
 from .organisms import (FineTune, OrganismRecipe, _run_jobs, _save, evaluate_organism, fine_tune,
                                        recipe_from_json)
-from .zoo import Config, Zoo
+from .zoo import Config, Zoo, context_choice
 
 # %% auto #0
 __all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'ARMS_DIR', 'METRICS', 'OUTSIDE_TARGET', 'answer_outcomes', 'train_arms',
@@ -57,9 +57,7 @@ def answer_outcomes(model, tokenizer, examples, batch_size: int = 100) -> pd.Dat
         for i in range(0, len(examples), batch_size):
             b = encode(examples[i:i + batch_size], tokenizer)
             last = model(**b.model_inputs()).logits[torch.arange(len(b)), b.last_pos]
-            objects = b.input_ids.gather(1, b.object_pos.clamp(min=0))
-            scores = last.gather(1, objects).masked_fill(b.object_pos < 0, -torch.inf)
-            top1, chosen = last.argmax(-1), objects.gather(1, scores.argmax(-1, keepdim=True))[:, 0]
+            (chosen, objects), top1 = context_choice(last, b), last.argmax(-1)     # the zoo's restricted readout
             in_context = ((objects == top1[:, None]) & (b.object_pos >= 0)).any(1)
             rows += [dict(top1=bool(t == a), restricted=bool(c == a), in_context=bool(k)) for t, c, a, k
                      in zip(top1.tolist(), chosen.tolist(), b.answer_ids.tolist(), in_context.tolist())]

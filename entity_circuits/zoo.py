@@ -20,7 +20,7 @@ from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model, progre
 
 # %% auto #0
 __all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'DISCOVERY_SEED', 'role_of', 'smollm2_available', 'default_models', 'model_folder',
-           'table_name', 'Config', 'Zoo', 'predictions']
+           'table_name', 'Config', 'Zoo', 'context_choice', 'predictions']
 
 # %% ../nbs/04b_zoo.ipynb #42be846f
 ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
@@ -161,6 +161,14 @@ class Zoo:
 
 # %% ../nbs/04b_zoo.ipynb #zoopred1
 @torch.no_grad()
+def context_choice(last: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, the highest-scoring of its own context's objects under the last position's logits `last`, and
+    those objects' token ids (`object_pos` is -1 past each prompt's own boxes: those slots never win)."""
+    objects = batch.input_ids.gather(1, batch.object_pos.clamp(min=0))
+    scores = last.gather(1, objects).masked_fill(batch.object_pos < 0, -torch.inf)
+    return objects.gather(1, scores.argmax(-1, keepdim=True))[:, 0], objects
+
+
 def predictions(model, tokenizer, examples: Sequence[BoxesExample], batch_size: int = 50,
                 desc: str | None = None, progress: bool = True,
                 intervene: Callable | None = None, restrict: bool = False, prefix: str = "") -> np.ndarray:
@@ -177,11 +185,6 @@ def predictions(model, tokenizer, examples: Sequence[BoxesExample], batch_size: 
         with intervene(b) if intervene is not None else contextlib.nullcontext():
             logits = model(**b.model_inputs()).logits
         last = logits[torch.arange(len(b), device=device), b.last_pos]
-        if restrict:  # the context's object tokens (object_pos is -1 past each prompt's own boxes)
-            objects = b.input_ids.gather(1, b.object_pos.clamp(min=0))
-            scores = last.gather(1, objects).masked_fill(b.object_pos < 0, -torch.inf)
-            pred = objects.gather(1, scores.argmax(-1, keepdim=True))[:, 0]
-        else:
-            pred = last.argmax(-1)
+        pred = context_choice(last, b)[0] if restrict else last.argmax(-1)
         out.append((pred == b.answer_ids).cpu().numpy())
     return np.concatenate(out)
