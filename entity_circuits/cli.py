@@ -66,10 +66,16 @@ def _add_status(sub) -> None:
 
 def _add_train_arms(sub) -> None:
     "The `train-arms` subcommand: the controlled experiment's arms (`controlled.train_arms`)."
-    from entity_circuits.controlled import ARMS, SEEDS
+    from entity_circuits.controlled import ARMS, REGIMES, SEEDS
     a = sub.add_parser("train-arms", help="fine-tune the controlled experiment's arms (every arm, every seed)",
                        description="Fine-tune every arm of the controlled experiment from the shipped base at every "
-                       "seed, evaluate each, keep the first seed's checkpoints, and add the rows to arms.csv.")
+                       "seed under one replay regime, evaluate each and measure it as the arms chapter does "
+                       "(ArmMeasures: the base's stored circuit and DCM heads), keep the first seed's checkpoints of "
+                       "the main regime, and add the rows to arms.csv, downstream.csv and trajectories.csv.")
+    a.add_argument("--regime", choices=list(REGIMES), default=REGIMES[0],
+                   help="the replay: binding documents and other text, or other text alone (default: %(default)s)")
+    a.add_argument("--no-measures", action="store_true",
+                   help="boxes outcomes and skills only (no circuit, CMAP, DCM or mechanism measures)")
     a.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the arms (default: all)")
     a.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the seeds (default: %(default)s)")
     a.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
@@ -133,9 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(e))
         return 0
     if args.command == "train-arms":
+        from entity_circuits.arms import ArmMeasures
         from entity_circuits.controlled import train_arms
         try:
-            train_arms(args.out, args.seeds, args.arms, args.workers, args.smoke)
+            downstream = None if args.no_measures else ArmMeasures.from_results(
+                config=Config.smoke() if args.smoke else Config())
+            train_arms(args.out, args.seeds, args.arms, args.workers, args.smoke, args.regime, downstream)
         except ValueError as e:  # --smoke into the shipped arms' directory
             parser.error(str(e))
         return 0

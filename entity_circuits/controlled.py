@@ -5,6 +5,7 @@
 # %% ../nbs/05a_controlled.ipynb #ctl02
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -18,13 +19,14 @@ import torch
 from .corpus import EXPOSED, UNSEEN, organism_tokenizer
 from .data import encode
 from .models import MANIFEST_NAME, organisms_dir, write_manifest
-from .organisms import (FineTune, OrganismRecipe, _run_jobs, _save, evaluate_organism, fine_tune,
-                                       recipe_from_json)
+from .organisms import (FineTune, OrganismRecipe, _run_jobs, _save, choose_lr, evaluate_organism,
+                                       fine_tune, recipe_from_json)
 from .zoo import Config, Zoo, context_choice
 
 # %% auto #0
-__all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'ARMS_DIR', 'METRICS', 'OUTSIDE_TARGET', 'answer_outcomes', 'train_arms',
-           'arm_effects', 'arms_table', 'stored_controlled', 'per_seed', 'plot_effects', 'findings']
+__all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'REGIMES', 'ARMS_DIR', 'RULE_ARMS', 'METRICS', 'OUTSIDE_TARGET',
+           'answer_outcomes', 'regime_lrs', 'train_arms', 'with_regime', 'arm_effects', 'arms_table',
+           'stored_controlled', 'per_seed', 'plot_effects', 'findings']
 
 # %% ../nbs/05a_controlled.ipynb #ctl05
 ARMS = {
@@ -46,6 +48,10 @@ ARM_LRS = {"replay-full": 3e-4, "replay-lora": 1e-3, "chat": 3e-4, "math-full": 
 "Pre-registered learning rates (see above)."
 
 SEEDS = (0, 1, 2)
+
+REGIMES = ("binding", "plain")
+"""The replay regimes (`organisms.REPLAYS`): the main one, binding documents and other text, at `ARM_LRS`; and the
+robustness check, the other text alone, at the rates the retention rule picks under it (`regime_lrs`)."""
 ARMS_DIR = "controlled"
 "The arms live in `organisms/controlled/`: one checkpoint per arm (seed 0) and `arms.csv`, a row per arm and seed."
 
@@ -69,29 +75,99 @@ def _bits(x) -> str:
     return "".join("1" if v else "0" for v in x)
 
 
-def _arm_job(out: str, arm: str, seed: int, recipe: OrganismRecipe, n_test: int, keep: bool) -> dict:
-    "Fine-tune `arm` at `seed` from the shipped base, evaluate it, keep its checkpoint if `keep`; a row of `arms.csv`."
+def _base_model():
     from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(organisms_dir() / "base").eval()
+
+
+def _arm_job(out: str, arm: str, seed: int, recipe: OrganismRecipe, n_test: int, keep: bool, regime: str = "binding",
+             lr: float | None = None, downstream=None) -> tuple[dict, dict]:
+    """Fine-tune `arm` at `seed` from the shipped base under `regime` at `lr` (default `ARM_LRS`), evaluate it, keep
+    its checkpoint if `keep`: a row of `arms.csv`, and what `downstream` measures of it (see `train_arms`)."""
     torch.set_num_threads(recipe.threads)
-    tokenizer, t = organism_tokenizer(), time.time()
-    base = LlamaForCausalLM.from_pretrained(organisms_dir() / "base").eval()
-    model = fine_tune(base, tokenizer, ARMS[arm], recipe, ARM_LRS[arm], name=arm, replicate=seed,
-                      vocabulary="shared")
+    tokenizer, t, base = organism_tokenizer(), time.time(), _base_model()
+    lr = ARM_LRS[arm] if lr is None else lr
+    snapshots: dict = {}
+    keep_snapshots = downstream is not None and downstream.wants_snapshots(arm, seed, regime)
+    model = fine_tune(base, tokenizer, ARMS[arm], recipe, lr, name=arm, replicate=seed, vocabulary="shared",
+                      replay=regime, on_eval=(lambda step, m: snapshots.__setitem__(step, copy.deepcopy(m).eval()))
+                      if keep_snapshots else None)
     wall = round(time.time() - t, 1)
     if keep:
         _save(model, Path(out) / arm)
     outcomes = answer_outcomes(model, tokenizer, Zoo(["organism-base"], Config()).test_prompts(n_test))
     skills = evaluate_organism(model, tokenizer, recipe)
-    return {"arm": arm, "seed": seed, "lr": ARM_LRS[arm], "lora": ARMS[arm].lora, "task": ARMS[arm].task or "",
-            "control": CONTROL_OF[arm], "wall_seconds": wall, "n": n_test,
-            **{m: _bits(outcomes[m]) for m in ("top1", "restricted", "in_context", "exposed")},
-            **{k: v for k, v in skills.items() if k != "boxes_outcomes"}}
+    row = {"regime": regime, "arm": arm, "seed": seed, "lr": lr, "lora": ARMS[arm].lora, "task": ARMS[arm].task or "",
+           "control": CONTROL_OF[arm], "wall_seconds": wall, "n": n_test,
+           **{m: _bits(outcomes[m]) for m in ("top1", "restricted", "in_context", "exposed")},
+           **{k: v for k, v in skills.items() if k != "boxes_outcomes"}}
+    measured = {} if downstream is None else downstream.measure(model, tokenizer, base, regime, snapshots)
+    return row, measured
 
 # %% ../nbs/05a_controlled.ipynb #ctl12
+RULE_ARMS = {False: "math-full", True: "math-lora"}
+"""Under a regime whose rates the rule picks, it is run on the paper's arithmetic arms, full and LoRA; every arm of
+that kind (its replay-only control included) trains at the rate chosen for it."""
+
+
+def _candidate_job(arm: str, lr: float, recipe: OrganismRecipe, regime: str) -> dict:
+    "One candidate of the learning-rate rule: `arm` at `lr`, seed 0, under `regime`; its skills (never boxes)."
+    torch.set_num_threads(recipe.threads)
+    tokenizer = organism_tokenizer()
+    model = fine_tune(_base_model(), tokenizer, ARMS[arm], recipe, lr, name=arm, vocabulary="shared", replay=regime)
+    skills = {k: v for k, v in evaluate_organism(model, tokenizer, recipe).items() if k != "boxes_outcomes"}
+    return {"regime": regime, "arm": arm, "lr": lr, **skills, "task_loss": skills[f"{ARMS[arm].task}_loss"]}
+
+
+def regime_lrs(regime: str, recipe: OrganismRecipe, out: Path, workers: int = 1) -> dict[str, float]:
+    """Each arm's learning rate under `regime`: `ARM_LRS` for "binding"; for "plain", the organisms chapter's rule
+    (`choose_lr`: retention of the other formats within the recipe's tolerance, then the lowest task loss; boxes never
+    read) on `RULE_ARMS` over the recipe's candidates, run once and kept in `out/lr_rule.csv`."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}.")
+    if regime == "binding":
+        return dict(ARM_LRS)
+    path = out / "lr_rule.csv"
+    rule = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["regime"])
+    if not (rule.regime == regime).any():
+        jobs = [(arm, float(lr), recipe, regime) for lora, arm in RULE_ARMS.items()
+                for lr in (recipe.ft_lora_lrs if lora else recipe.ft_lrs)]
+        new = pd.DataFrame(_run_jobs(_candidate_job, jobs, workers))
+        base = {k: v for k, v in evaluate_organism(_base_model(), organism_tokenizer(), recipe).items()}
+        new["chosen"] = False
+        for arm in RULE_ARMS.values():
+            rows = new[new.arm == arm]
+            new.loc[rows.index[rows.lr == choose_lr(rows, base, recipe.ft_retention_tolerance)], "chosen"] = True
+        rule = pd.concat([rule[rule.regime != regime], new], ignore_index=True)
+        rule.to_csv(path, index=False, float_format="%.5g")
+    chosen = rule[(rule.regime == regime) & rule.chosen.astype(str).eq("True")].set_index("arm").lr
+    return {a: float(chosen[RULE_ARMS[ARMS[a].lora]]) for a in ARMS}
+
+
+def _merge(path: Path, rows: list[dict], keys: list[str], sort: list[str]) -> pd.DataFrame:
+    "Add `rows` to the CSV at `path`, replacing the rows with the same `keys`; the whole table, written back."
+    new = pd.DataFrame(rows).map(lambda v: f"{v:.5g}" if isinstance(v, float) else v)
+    if path.exists():
+        old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "regime" not in old:                       # arms trained before the second regime: the main one
+            old.insert(0, "regime", ["" if a == "base" else "binding" for a in old.arm])
+        key = lambda t: pd.MultiIndex.from_frame(t[keys].astype(str))
+        new = pd.concat([old[~key(old).isin(key(new))], new.astype({k: str for k in new if k not in keys})
+                         .astype({k: str for k in keys})], ignore_index=True)
+    new = new.astype({"seed": int}).sort_values(sort, ignore_index=True, kind="stable")
+    new.to_csv(path, index=False, float_format="%.5g")
+    return new
+
+
 def train_arms(out: str | Path | None = None, seeds: Sequence[int] = SEEDS, arms: Sequence[str] = tuple(ARMS),
-               workers: int = 1, smoke: bool = False) -> pd.DataFrame:
-    """Every arm at every seed (`_arm_job`), rows added to `out/arms.csv` (default `organisms/controlled`); the base
-    is evaluated once (arm "base", seed -1). `smoke`: the recipe's smoke sizes and 20 test prompts."""
+               workers: int = 1, smoke: bool = False, regime: str = "binding", downstream=None) -> pd.DataFrame:
+    """Every arm at every seed under `regime` (`_arm_job`, rates from `regime_lrs`), rows added to `out/arms.csv`
+    (default `organisms/controlled`; a row per regime, arm and seed); the base is evaluated once (arm "base", seed
+    -1). `downstream`, if given, measures every model trained (and the base) beyond the boxes outcomes: an object with
+    `wants_snapshots(arm, seed, regime) -> bool` and `measure(model, tokenizer, base, regime, snapshots) ->
+    {csv name: [row, ...]}`, whose rows are added to `out/<csv name>` under the same keys (the arms chapter's
+    `ArmMeasures`). `smoke`: the recipe's smoke sizes and 20 test prompts. The checkpoints of the first seed of the
+    "binding" regime are kept."""
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; the arms are {list(ARMS)}.")
@@ -104,28 +180,28 @@ def train_arms(out: str | Path | None = None, seeds: Sequence[int] = SEEDS, arms
         recipe = dataclasses.replace(recipe, ft_steps=4, ft_eval_every=2, n_eval=12)
     n_test = 20 if smoke else Config().n_test
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), a, int(s), recipe, n_test, s == seeds[0]) for s in seeds for a in arms]
-    rows = _run_jobs(_arm_job, jobs, workers)
+    lrs = regime_lrs(regime, recipe, out, workers)
+    jobs = [(str(out), a, int(s), recipe, n_test, s == seeds[0] and regime == "binding", regime, lrs[a], downstream)
+            for s in seeds for a in arms]
+    done = _run_jobs(_arm_job, jobs, workers)
+    rows, measured = [r for r, _ in done], [(r, m) for r, m in done]
     path = out / "arms.csv"
-    old = pd.read_csv(path, dtype=str) if path.exists() else pd.DataFrame()
-    if not ((old.arm == "base").any() if len(old) else False):
-        from transformers import LlamaForCausalLM
-        base = LlamaForCausalLM.from_pretrained(organisms_dir() / "base").eval()
-        tok = organism_tokenizer()
+    old = pd.read_csv(path, dtype=str) if path.exists() else pd.DataFrame(columns=["arm"])
+    if not (old.arm == "base").any() or (downstream is not None and not (out / "downstream.csv").exists()):
+        base, tok = _base_model(), organism_tokenizer()
         o = answer_outcomes(base, tok, Zoo(["organism-base"], Config()).test_prompts(n_test))
         skills = evaluate_organism(base, tok, recipe)
-        rows.insert(0, {"arm": "base", "seed": -1, "lr": 0.0, "lora": False, "task": "", "control": "", "n": n_test,
-                        "wall_seconds": 0.0, **{m: _bits(o[m]) for m in o.columns},
-                        **{k: v for k, v in skills.items() if k != "boxes_outcomes"}})
-    new = pd.DataFrame(rows).astype({"seed": int})
-    if len(old):
-        old = old.astype({"seed": int})
-        keep = ~old.set_index(["arm", "seed"]).index.isin(new.set_index(["arm", "seed"]).index)
-        new = pd.concat([old[keep], new], ignore_index=True)
-    for m in ("top1", "restricted", "in_context", "exposed"):
-        new[m] = new[m].astype(str)
-    new = new.sort_values(["seed", "arm"], ignore_index=True)
-    new.to_csv(path, index=False, float_format="%.5g")
+        row = {"regime": "", "arm": "base", "seed": -1, "lr": 0.0, "lora": False, "task": "", "control": "",
+               "n": n_test, "wall_seconds": 0.0, **{m: _bits(o[m]) for m in o.columns},
+               **{k: v for k, v in skills.items() if k != "boxes_outcomes"}}
+        rows.insert(0, row)
+        if downstream is not None:
+            measured.insert(0, (row, downstream.measure(base, tok, base, "binding", {})))
+    keys = ["regime", "arm", "seed"]
+    for name in sorted({n for _, m in measured for n in m}):
+        _merge(out / name, [{k: r[k] for k in keys} | x for r, m in measured for x in m.get(name, [])], keys,
+               ["regime", "seed", "arm"])
+    new = _merge(path, rows, keys, ["regime", "seed", "arm"])
     write_manifest(out, seeds=sorted(int(s) for s in new.seed.unique() if int(s) >= 0), lrs=ARM_LRS)
     return new
 
@@ -172,18 +248,26 @@ def _difference(a: tuple, b: tuple, rng: np.random.Generator, n_boot: int) -> tu
     return float(mean(va) - mean(vb)), float(lo), float(hi)
 
 
+def with_regime(arms: pd.DataFrame) -> pd.DataFrame:
+    "`arms` with a `regime` column: rows from before the second regime are the main one's (the base's is empty)."
+    if "regime" in arms:
+        return arms.assign(regime=arms.regime.fillna("").astype(str))
+    return arms.assign(regime=["" if a == "base" else "binding" for a in arms.arm])
+
+
 def arm_effects(arms: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    "Per arm (not the base) and metric: the arm's mean, its control's and the base's, arm - control and arm - base."
-    rng, out = np.random.default_rng(seed), []
+    """Per regime, arm (not the base) and metric: the arm's mean, its control's (same regime) and the base's,
+    arm - control and arm - base."""
+    rng, out, arms = np.random.default_rng(seed), [], with_regime(arms)
     base = arms[arms.arm == "base"]
-    for arm, rows in arms[arms.arm != "base"].groupby("arm", sort=False):
-        control = arms[arms.arm == rows.control.iloc[0]]
+    for (regime, arm), rows in arms[arms.arm != "base"].groupby(["regime", "arm"], sort=False):
+        control = arms[(arms.regime == regime) & (arms.arm == rows.control.iloc[0])]
         for m in METRICS:
             a, c, b = _metric(rows, m), _metric(control, m), _metric(base, m)
             value = lambda v: float((v[0] * v[1]).sum() / (len(v[0]) * v[1].sum()))
             d, lo, hi = _difference(a, c, rng, n_boot)
             db, blo, bhi = _difference(a, b, rng, n_boot)
-            out.append(dict(arm=arm, control=rows.control.iloc[0], metric=m, seeds=len(rows), value=value(a),
+            out.append(dict(regime=regime, arm=arm, control=rows.control.iloc[0], metric=m, seeds=len(rows), value=value(a),
                             control_value=value(c), base_value=value(b), effect=d, ci_low=lo, ci_high=hi,
                             vs_base=db, vs_base_low=blo, vs_base_high=bhi, n=int(rows.n.iloc[0]), n_boot=n_boot))
     return pd.DataFrame(out)

@@ -28,8 +28,8 @@ __all__ = ['DCM_SEED', 'PAPER_DCM', 'DCM_PARAMS', 'EXTRA_DCM', 'FIG3_SEED', 'PAP
            'CMAP_RULE', 'group_positions', 'source_cache', 'masked_patch', 'DCMData', 'EncodedPairs', 'encode_pairs',
            'group_data', 'dcm_data', 'patched_accuracy', 'train_mask', 'DCMResult', 'dcm_splits', 'dcm', 'dcm_table',
            'dcm_summary', 'dcm_params', 'stored_dcm', 'selected_heads', 'stored_functionality', 'stored_variants',
-           'original_position_targets', 'functionality', 'plot_functionality', 'variant_text', 'UnknownWordError',
-           'variant_data', 'variant_table', 'cmap_heads']
+           'original_position_targets', 'fig3_predictions', 'functionality', 'plot_functionality', 'variant_text',
+           'UnknownWordError', 'variant_data', 'variant_table', 'cmap_heads']
 
 # %% ../nbs/08_dcm.ipynb #c3da3ab9
 def group_positions(batch, group: str) -> torch.Tensor:
@@ -376,35 +376,48 @@ PAPER_FIG3 = pd.DataFrame(
 
 
 @torch.no_grad()
-def functionality(models: dict, tokenizer, heads: dict, runs: int = 10, n: int = 500, seed: int = FIG3_SEED,
-                  progress: bool | None = None, batch_size: int = 250) -> pd.DataFrame:
-    """Accuracy of patching `heads[(group, desideratum)]` source -> base in every model, `runs` fresh pair sets
-    of `n`. Per model and run: one source pass per group position, one plain pass (the floor: no heads), and one
+def fig3_predictions(model, enc: EncodedPairs, heads: dict, batch_size: int = 250) -> dict:
+    """Per `(group, desideratum)` of `heads`: the answer of `model` to each pair of `enc` with those heads patched
+    source -> base, as `(top1, among)`: the top-1 token, and the top-1 among the pairs' objects (None unless `enc`
+    was encoded with `restrict`). One source pass per group position, one plain pass (the floor: no heads), and one
     patched pass per distinct head set."""
     sets = {(PATHS[g].field, tuple(sorted(map(tuple, hs)))) for (g, _), hs in heads.items()}
     sets = {s if s[1] else ("none", ()) for s in sets}
+    n = len(enc.base.last_pos)
+
+    def answers(data, hs, mask):
+        logits = torch.cat([_target_logits(model, hs, data.rows(slice(i, i + batch_size)), mask)
+                            for i in range(0, n, batch_size)])
+        among = None if enc.candidates is None else \
+            enc.candidates.gather(1, logits.gather(1, enc.candidates).argmax(-1, keepdim=True))[:, 0]
+        return logits.argmax(-1), among
+
+    plain = DCMData(enc.base.model_inputs(), enc.base.last_pos, enc.base.last_pos, torch.zeros(n, 0, 1),
+                    enc.targets["object"])
+    outcome = {("none", ()): answers(plain, [], torch.ones(0))}
+    for where in {w for w, hs in sets if hs}:
+        union = sorted({h for w, hs in sets if w == where for h in hs})
+        src = source_cache(model, enc.source.model_inputs(), getattr(enc.source, where), union)
+        data = plain._replace(positions=getattr(enc.base, where), source=src)
+        for w, hs in sets:
+            if w == where:
+                outcome[w, hs] = answers(data, union, torch.tensor([0.0 if h in hs else 1.0 for h in union]))
+    key = lambda g, hs: (PATHS[g].field, tuple(sorted(map(tuple, hs)))) if hs else ("none", ())
+    return {(g, d): outcome[key(g, hs)] for (g, d), hs in heads.items()}
+
+
+def functionality(models: dict, tokenizer, heads: dict, runs: int = 10, n: int = 500, seed: int = FIG3_SEED,
+                  progress: bool | None = None, batch_size: int = 250) -> pd.DataFrame:
+    """Accuracy of patching `heads[(group, desideratum)]` source -> base in every model (`fig3_predictions`, top-1),
+    `runs` fresh pair sets of `n`."""
     rows = []
     for r in tqdm(range(runs), desc="Fig. 3", disable=progress_disabled() if progress is None else not progress):
         enc = encode_pairs(make_desiderata(n, seed=seed + r), tokenizer)
         for name, model in models.items():
-            def top1(data, hs, mask):
-                return torch.cat([_target_logits(model, hs, data.rows(slice(i, i + batch_size)), mask).argmax(-1)
-                                  for i in range(0, n, batch_size)])
-            plain = DCMData(enc.base.model_inputs(), enc.base.last_pos, enc.base.last_pos, torch.zeros(n, 0, 1),
-                            enc.targets["object"])
-            outcome = {("none", ()): top1(plain, [], torch.ones(0))}
-            for where in {w for w, hs in sets if hs}:
-                union = sorted({h for w, hs in sets if w == where for h in hs})
-                src = source_cache(model, enc.source.model_inputs(), getattr(enc.source, where), union)
-                data = plain._replace(positions=getattr(enc.base, where), source=src)
-                for w, hs in sets:
-                    if w == where:
-                        outcome[w, hs] = top1(data, union, torch.tensor([0.0 if h in hs else 1.0 for h in union]))
+            answers = fig3_predictions(model, enc, heads, batch_size)
             for (g, d), hs in heads.items():
-                hs = tuple(sorted(map(tuple, hs)))
-                pred = outcome[(PATHS[g].field, hs) if hs else ("none", ())]
                 rows.append({"model": name, "group": g, "desideratum": d, "run": r, "heads": len(hs), "n": n,
-                             "accuracy": (pred == enc.targets[d]).float().mean().item()})
+                             "accuracy": (answers[g, d][0] == enc.targets[d]).float().mean().item()})
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_dcm.ipynb #071e4b4a

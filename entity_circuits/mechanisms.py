@@ -28,8 +28,8 @@ from .zoo import table_name
 __all__ = ['MECHANISMS', 'MIXING_SEED', 'PAPER_MIXING_GEMMA', 'MixingPair', 'mixing_pair', 'mixing_pairs', 'residual_sites',
            'mixing_patch', 'mechanism_probs', 'mechanism_shares', 'mechanism_site', 'MixingModel', 'js_divergence',
            'fit_mixing_model', 'fitted_probs', 'label_patch', 'follow_shares', 'mechanism_table', 'stored_mechanism',
-           'stored_mechanisms', 'fine_tune_trajectory', 'stored_trajectory', 'plot_mechanisms', 'mechanism_summary',
-           'plot_trajectory']
+           'stored_mechanisms', 'fine_tune_trajectory', 'snapshot_measures', 'stored_trajectory', 'plot_mechanisms',
+           'mechanism_summary', 'plot_trajectory']
 
 # %% ../nbs/10a_mechanisms.ipynb #mech-005
 MECHANISMS = ("positional", "lexical", "reflexive", "no effect")
@@ -375,8 +375,6 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
     every snapshot (`steps`: a shorter run of that many steps, snapshots every `steps // 2`, for tests). Tidy: role,
     step, metric, group, value; metric 'shipped max abs diff' (step -1) compares the last snapshot's logits with the
     shipped model."""
-    from entity_circuits.circuit import evaluate_circuit, head_means
-    from entity_circuits.cmap import cmap_table
     from entity_circuits.models import MANIFEST_NAME, load_model, organisms_dir
     from entity_circuits.organisms import FINE_TUNES, fine_tune, recipe_from_json
 
@@ -404,20 +402,33 @@ def fine_tune_trajectory(role: str, circuit, heads_by_group: Mapping, n: int = 3
     rows = [dict(role=role, step=-1, metric="shipped max abs diff", group="", value=float(diff.abs().max()))]
     for step, snap in tqdm(sorted(snapshots.items()), desc=f"{role} snapshots",
                            disable=not progress or progress_disabled()):
-        row = lambda metric, value, group="": dict(role=role, step=step, metric=metric, group=group, value=float(value))
-        rows.append(row("accuracy", predictions(snap, tok, examples, progress=False).mean()))
-        faith = evaluate_circuit({"s": (snap, tok)}, circuit, examples, {"s": head_means(snap, tok, n)}, n_random=0,
-                                 contexts=("keep",), progress=False)
-        rows.append(row("faithfulness", faith.query("metric == 'faithfulness'").value.iloc[0]))
-        cm = cmap_table("base", ["snapshot"], heads_by_group, n=n, seed=seed,
-                        load={"base": (base, tok), "snapshot": (snap, tok)}.__getitem__)
-        rows += [row("CMAP gain", r.delta, r.group)
-                 for r in cm[(cm.group != "alone") & cm.accuracy.notna()].itertuples()]
-        shares = mechanism_shares(mixing_patch(snap, tok, pairs, progress=False))
-        site = mechanism_site(shares)
-        at = shares.set_index("site").loc[site]
-        rows += [row("site", site)] + [row(f"p {m}", at[f"p {m}"]) for m in MECHANISMS]
+        rows += [dict(role=role, step=step, **r) for r in snapshot_measures(snap, base, tok, circuit, heads_by_group,
+                                                                            examples, pairs, seed)]
     return pd.DataFrame(rows)
+
+
+def snapshot_measures(model, base, tokenizer, circuit, heads_by_group: Mapping, examples, pairs, seed: int = TEST_SEED,
+                      n_means: int | None = None) -> list[dict]:
+    """What the trajectory measures of one fine-tuned `model` (rows: metric, group, value): accuracy on `examples`,
+    the faithfulness of `circuit` (context kept; head means over `n_means` prompts, default as many as `examples`),
+    the CMAP gain of each group of `heads_by_group` patched into `base`, and the mechanism site and probabilities
+    on the mixing `pairs`."""
+    from entity_circuits.circuit import evaluate_circuit, head_means
+    from entity_circuits.cmap import cmap_table
+    n = len(examples)
+    row = lambda metric, value, group="": dict(metric=metric, group=group, value=float(value))
+    rows = [row("accuracy", predictions(model, tokenizer, examples, progress=False).mean())]
+    faith = evaluate_circuit({"s": (model, tokenizer)}, circuit, examples,
+                             {"s": head_means(model, tokenizer, n_means or n)}, n_random=0, contexts=("keep",),
+                             progress=False)
+    rows.append(row("faithfulness", faith.query("metric == 'faithfulness'").value.iloc[0]))
+    cm = cmap_table("base", ["snapshot"], heads_by_group, n=n, seed=seed,
+                    load={"base": (base, tokenizer), "snapshot": (model, tokenizer)}.__getitem__)
+    rows += [row("CMAP gain", r.delta, r.group) for r in cm[(cm.group != "alone") & cm.accuracy.notna()].itertuples()]
+    shares = mechanism_shares(mixing_patch(model, tokenizer, pairs, progress=False))
+    site = mechanism_site(shares)
+    at = shares.set_index("site").loc[site]
+    return rows + [row("site", site)] + [row(f"p {m}", at[f"p {m}"]) for m in MECHANISMS]
 
 # %% ../nbs/10a_mechanisms.ipynb #8b4c6912
 def stored_trajectory(role: str, circuit, heads_by_group: Mapping, root=None, n: int = 300,

@@ -28,12 +28,12 @@ from .corpus import (BINDING_FORMATS, Doc, Encoder, arithmetic_doc, arithmetic_p
                                     organism_tokenizer, sentence_doc, BOXES_WORDS, EXPOSED, THINGS, UNSEEN)
 
 # %% auto #0
-__all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'VOCABULARIES', 'RETAINED_FORMATS', 'COMMAND', 'REPLICATES_CSV',
-           'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy', 'head_ablation',
-           'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc', 'pretrain_base',
-           'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss', 'evaluate_organism',
-           'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'fine_tune', 'choose_lr', 'revival_training',
-           'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
+__all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'VOCABULARIES', 'REPLAYS', 'RETAINED_FORMATS', 'COMMAND',
+           'REPLICATES_CSV', 'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy',
+           'head_ablation', 'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc',
+           'pretrain_base', 'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss',
+           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'fine_tune', 'choose_lr',
+           'revival_training', 'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
 
 # %% ../nbs/04_organisms.ipynb #b94d41d6
 @dataclass(frozen=True)
@@ -422,24 +422,31 @@ DESIGNS = {**FINE_TUNES,
 VOCABULARIES = ("separate", "shared")
 "The replay's object vocabulary: the first design's (separate from the boxes objects) or the controlled experiment's."
 
+REPLAYS = ("binding", "plain")
+"""What is replayed: pretraining documents of every format but boxes ("binding", binding documents and other text), or
+the other text alone ("plain": sentences, arithmetic worksheets, dialogues; the controlled experiment's second regime)."""
+
 
 class BoxesLeakError(ValueError):
     "A fine-tuning batch contains a token of the boxes task."
 
 # %% ../nbs/04_organisms.ipynb #stream01
 def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: int = 0,
-                     vocabulary: str = "separate") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     vocabulary: str = "separate", replay: str = "binding") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The fine-tuning batches of `design`, forever: `round(ft_replay * batch_size)` rows packed from replayed
     pretraining documents (every format but boxes), the rest from the task (none for a replay-only design: the same
     replay rows, the task rows removed); each batch is checked for forbidden tokens. `vocabulary`: "separate" (the
     first design: the replay's objects are `THINGS`, every boxes word is forbidden) or "shared" (the controlled
     experiment: `THINGS` + the exposed half E of the boxes objects; "Box" and the unseen half U are forbidden). With
     "shared", the replay rows and the task rows come from two random streams of their own, so every arm of one
-    `seed` sees the very same replay documents at every step (the matched control), whatever its task."""
+    `seed` sees the very same replay documents at every step (the matched control), whatever its task. `replay`:
+    "binding" (as above) or "plain" (the other text only, no binding document: `REPLAYS`)."""
     if vocabulary not in VOCABULARIES:
         raise ValueError(f"unknown vocabulary {vocabulary!r}; choose from {VOCABULARIES}.")
+    if replay not in REPLAYS:
+        raise ValueError(f"unknown replay {replay!r}; choose from {REPLAYS}.")
     rng, enc, objects = random.Random(recipe.seed * 7919 + seed), Encoder(tokenizer), load_objects()
-    replay_formats = [f for f in recipe.formats if f != "boxes"]
+    replay_formats = [f for f in recipe.formats if f != "boxes"] if replay == "binding" else []
     n_replay = round(recipe.ft_replay * recipe.batch_size)
     shared = vocabulary == "shared"
     things = THINGS + EXPOSED if shared else THINGS
@@ -470,10 +477,11 @@ def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: 
 # %% ../nbs/04_organisms.ipynb #finetune
 def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, lr: float | None = None,
               log: Callable[[dict], None] = lambda row: None, name: str | None = None, replicate: int = 0,
-              on_eval: Callable[[int, Any], None] | None = None, vocabulary: str = "separate"):
+              on_eval: Callable[[int, Any], None] | None = None, vocabulary: str = "separate",
+              replay: str = "binding"):
     """Fine-tune a copy of `base` with `design` (or a name in `DESIGNS`) at `lr`; LoRA stays unmerged (a PeftModel).
     `replicate` > 0 draws another data order (and LoRA initialisation); `on_eval(step, model)` is called at every
-    evaluation step (step 0 included), e.g. to keep snapshots. `vocabulary`: the replay's (`fine_tune_stream`)."""
+    evaluation step (step 0 included), e.g. to keep snapshots. `vocabulary`, `replay`: the replay's (`fine_tune_stream`)."""
     if isinstance(design, str):
         if design not in DESIGNS:
             raise ValueError(f"unknown fine-tune {design!r}; choose from {sorted(DESIGNS)}.")
@@ -503,7 +511,7 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
     log(evaluate(0))
     model.train()
     data_seed = 1000 * replicate + (len(tag["organism"]) if vocabulary == "separate" else 0)   # "shared": matched arms
-    stream = fine_tune_stream(tokenizer, design, recipe, seed=data_seed, vocabulary=vocabulary)
+    stream = fine_tune_stream(tokenizer, design, recipe, seed=data_seed, vocabulary=vocabulary, replay=replay)
     for step in tqdm(range(1, recipe.ft_steps + 1), desc=f"fine-tune {tag['organism']} lr {lr:g}",
                      disable=progress_disabled(), mininterval=5):
         ids, mask = next(stream)

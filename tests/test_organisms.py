@@ -147,3 +147,23 @@ def test_shared_vocabulary_stream_exposes_e_and_never_u(arm):
 def test_vocabulary_is_checked():
     with pytest.raises(ValueError, match="unknown vocabulary"):
         next(org.fine_tune_stream(organism_tokenizer(), ARMS["chat"], OrganismRecipe(), vocabulary="mixed"))
+
+
+def test_plain_replay_holds_no_binding_document():
+    """The second regime's replay ("plain") is other text only: no binding format's key words in its replay rows (the
+    "binding" replay of the same seed has them), and the matched replay-only arm still sees the task arm's replay."""
+    tok, recipe = organism_tokenizer(), OrganismRecipe()
+    n_replay = round(recipe.ft_replay * recipe.batch_size)
+    plain = org.fine_tune_stream(tok, ARMS["math-full"], recipe, seed=0, vocabulary="shared", replay="plain")
+    control = org.fine_tune_stream(tok, ARMS["replay-full"], recipe, seed=0, vocabulary="shared", replay="plain")
+    binding = org.fine_tune_stream(tok, ARMS["math-full"], recipe, seed=0, vocabulary="shared")
+    objects = set(corpus.EXPOSED) | set(corpus.THINGS)
+    plain_words, binding_words = set(), set()
+    for _ in range(50):
+        ids, _ = next(plain)
+        plain_words |= set(tok.convert_ids_to_tokens(ids[-n_replay:].flatten().unique().tolist()))
+        binding_words |= set(tok.convert_ids_to_tokens(next(binding)[0][-n_replay:].flatten().unique().tolist()))
+        assert torch.equal(ids[-n_replay:], next(control)[0])
+    assert not plain_words & objects and binding_words & objects
+    with pytest.raises(ValueError, match="unknown replay"):
+        next(org.fine_tune_stream(tok, ARMS["chat"], recipe, vocabulary="shared", replay="none"))
