@@ -13,7 +13,7 @@ import pandas as pd
 
 from .circuit import ablated_predictions, head_means, need_circuit
 from .cmap import cmap_configs, cmap_predictions
-from .controlled import ARMS, ARMS_DIR, _bits, _counts, arms_table, with_regime
+from .controlled import ARMS, ARMS_DIR, CONTROL_OF, _bits, _boot_means, _counts, arms_table, with_regime
 from .data import make_desiderata
 from .dcm import FIG3_SEED, cmap_heads, encode_pairs, fig3_predictions, selected_heads
 from .groups import Circuit
@@ -24,7 +24,8 @@ from .results import load_result
 from .zoo import Config, Zoo
 
 # %% auto #0
-__all__ = ['TRAJECTORY_ARMS', 'ArmMeasures', 'mechanism_outcomes', 'measure_arm']
+__all__ = ['TRAJECTORY_ARMS', 'DERIVED', 'ArmMeasures', 'mechanism_outcomes', 'measure_arm', 'downstream_effects', 'arms_file',
+           'stored_arms_effects', 'arm_trajectories']
 
 # %% ../nbs/10a2_arms.ipynb #arm05
 TRAJECTORY_ARMS = ("replay-full", "replay-lora", "math-full", "math-lora")
@@ -122,3 +123,79 @@ def measure_arm(model, tokenizer, base, probe: ArmMeasures, full: bool = True) -
     rows.append(dict(measure="mechanism site", values=str(site)))
     rows += [dict(measure=c, values=_floats(probs[c])) for c in probs.columns]
     return rows
+
+# %% ../nbs/10a2_arms.ipynb #arm09
+DERIVED = {"faithfulness ablate": (("circuit ablate", "full top1"), np.divide),
+           "faithfulness keep": (("circuit keep", "full top1"), np.divide),
+           "positional over floor": (("p positional", "p unnamed"), np.subtract)}
+"Measures computed from two others inside every bootstrap draw: name -> ((numerator or minuend, other), function)."
+
+
+def _outcomes(rows: pd.DataFrame, measure: str) -> np.ndarray:
+    "seeds x prompts of `measure` in `rows` (one model's seeds): 0/1 strings or space-separated probabilities."
+    values = rows[rows.measure == measure].sort_values("seed")["values"].astype(str)
+    if values.empty:
+        raise KeyError(f"no measure {measure!r} in these rows")
+    parse = (lambda s: [float(x) for x in s.split()]) if "." in values.iloc[0] else (lambda s: [c == "1" for c in s])
+    return np.array([parse(s) for s in values], dtype=float)
+
+
+def _draws(rows: pd.DataFrame, measure: str, taken: np.ndarray, rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    "The value of `measure` (raw or `DERIVED`) for one model's rows, and its value in every bootstrap draw."
+    parts, fn = DERIVED.get(measure, ((measure,), None))
+    values = [_outcomes(rows, m) for m in parts]
+    seeds = _counts(rng, len(values[0]), len(taken))
+    point = [v.mean() for v in values]
+    draws = [_boot_means(v, taken, seeds) for v in values]
+    return (float(fn(*point)), fn(*draws)) if fn else (float(point[0]), draws[0])
+
+
+def downstream_effects(downstream: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per regime, model (the base, every arm) and measure: the value with its 95% interval; for an arm also its
+    control's (same regime) and the base's value, arm - control and arm - base with paired intervals."""
+    rng, out = np.random.default_rng(seed), []
+    d = downstream.assign(regime=downstream.regime.fillna("").astype(str))
+    d = d[d.measure != "mechanism site"]
+    base = d[d.arm == "base"]
+    measures = list(dict.fromkeys(base.measure)) + [m for m, (parts, _) in DERIVED.items()
+                                                    if set(parts) <= set(base.measure)]
+    ci = lambda x: np.nanquantile(x, [0.025, 0.975]).tolist()
+    n_prompts = {m: _outcomes(base, DERIVED.get(m, ((m,), None))[0][0]).shape[1] for m in measures}
+    for (regime, arm), rows in d.groupby(["regime", "arm"], sort=False):
+        control_arm = arm if arm == "base" else CONTROL_OF[arm]
+        control = d[(d.regime == regime) & (d.arm == control_arm)]
+        for m in measures:
+            if m not in set(rows.measure) and m not in DERIVED or \
+                    m in DERIVED and not set(DERIVED[m][0]) <= set(rows.measure):
+                continue                                   # a measure of the main regime only
+            taken = _counts(rng, n_prompts[m], n_boot)
+            value, draws = _draws(rows, m, taken, rng)
+            row = dict(regime=regime, arm=arm, control=control_arm, measure=m, seeds=rows.seed.nunique(),
+                       value=value, **dict(zip(("value_low", "value_high"), ci(draws))), n=n_prompts[m])
+            if arm != "base":
+                c, c_draws = _draws(control, m, taken, rng)
+                b, b_draws = _draws(base, m, taken, rng)
+                row |= dict(control_value=c, base_value=b, effect=value - c,
+                            **dict(zip(("ci_low", "ci_high"), ci(draws - c_draws))), vs_base=value - b,
+                            **dict(zip(("vs_base_low", "vs_base_high"), ci(draws - b_draws))))
+            out.append(row)
+    return pd.DataFrame(out).assign(n_boot=n_boot)
+
+# %% ../nbs/10a2_arms.ipynb #arm12
+def arms_file(name: str) -> Path:
+    "A committed file of the controlled experiment (`downstream.csv`, `trajectories.csv`, `arms.csv`)."
+    return organisms_dir() / ARMS_DIR / name
+
+
+def stored_arms_effects(root=None, path: str | Path | None = None, n_boot: int = 2000) -> pd.DataFrame | None:
+    "`arms_effects`: `downstream_effects` of the committed measures, stored; None if the arms were not measured."
+    from entity_circuits.controlled import stored_from_file
+    path = Path(path) if path is not None else arms_file("downstream.csv")
+    return stored_from_file("arms_effects", path, downstream_effects, root, n_boot)
+
+
+def arm_trajectories(path: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    "The committed snapshots' measures (`trajectories.csv`), by arm, in the mechanisms chapter's trajectory format."
+    path = Path(path) if path is not None else arms_file("trajectories.csv")
+    t = pd.read_csv(path, keep_default_na=False).astype({"step": int, "value": float})
+    return {arm: g.rename(columns={"arm": "role"}) for arm, g in t.groupby("arm", sort=False)}

@@ -26,7 +26,7 @@ from .zoo import Config, Zoo, context_choice
 # %% auto #0
 __all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'REGIMES', 'ARMS_DIR', 'RULE_ARMS', 'METRICS', 'OUTSIDE_TARGET',
            'answer_outcomes', 'regime_lrs', 'train_arms', 'with_regime', 'arm_effects', 'arms_table',
-           'stored_controlled', 'per_seed', 'plot_effects', 'findings']
+           'stored_from_file', 'stored_controlled', 'per_seed', 'plot_effects', 'findings']
 
 # %% ../nbs/05a_controlled.ipynb #ctl05
 ARMS = {
@@ -230,18 +230,20 @@ def _counts(rng: np.random.Generator, k: int, n_boot: int) -> np.ndarray:
     return np.bincount(draws.ravel(), minlength=n_boot * k).reshape(n_boot, k).astype(float)
 
 
+def _boot_means(values: np.ndarray, taken: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The mean of `values` (seeds x prompts) in each bootstrap draw: `taken` (draws x prompts) and `seeds` (draws x
+    seeds) say how often each prompt and each seed is drawn (`_counts`)."""
+    per_prompt = seeds @ values / len(values)                                          # n_boot x prompts
+    return (per_prompt * taken).sum(1) / taken.sum(1)
+
+
 def _difference(a: tuple, b: tuple, rng: np.random.Generator, n_boot: int) -> tuple[float, float, float]:
     """Mean of `a` minus mean of `b` (each (values seeds x prompts, weight per prompt)), with a bootstrap over seeds
     (within each side) and prompts (paired: one draw of prompts for both sides), all `n_boot` draws at once: a draw
     is how often each prompt and each seed is taken (`_counts`), so no draw is materialised."""
     (va, w), (vb, _) = a, b
     taken = _counts(rng, len(w), n_boot) * w                                           # n_boot x prompts
-
-    def means(v):
-        seeds = _counts(rng, len(v), n_boot)                                           # n_boot x seeds
-        per_prompt = seeds @ v / len(v)                                                # n_boot x prompts
-        return (per_prompt * taken).sum(1) / taken.sum(1)
-
+    means = lambda v: _boot_means(v, taken, _counts(rng, len(v), n_boot))
     boots = means(va) - means(vb)
     lo, hi = np.nanquantile(boots, [0.025, 0.975])
     mean = lambda v: (v * w).sum() / (len(v) * w.sum())
@@ -267,9 +269,9 @@ def arm_effects(arms: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.Dat
             value = lambda v: float((v[0] * v[1]).sum() / (len(v[0]) * v[1].sum()))
             d, lo, hi = _difference(a, c, rng, n_boot)
             db, blo, bhi = _difference(a, b, rng, n_boot)
-            out.append(dict(regime=regime, arm=arm, control=rows.control.iloc[0], metric=m, seeds=len(rows), value=value(a),
-                            control_value=value(c), base_value=value(b), effect=d, ci_low=lo, ci_high=hi,
-                            vs_base=db, vs_base_low=blo, vs_base_high=bhi, n=int(rows.n.iloc[0]), n_boot=n_boot))
+            out.append(dict(regime=regime, arm=arm, control=rows.control.iloc[0], metric=m, seeds=len(rows),
+                            value=value(a), control_value=value(c), base_value=value(b), effect=d, ci_low=lo,
+                            ci_high=hi, vs_base=db, vs_base_low=blo, vs_base_high=bhi, n=int(rows.n.iloc[0]), n_boot=n_boot))
     return pd.DataFrame(out)
 
 # %% ../nbs/05a_controlled.ipynb #ctl19
@@ -281,16 +283,24 @@ def arms_table(path: str | Path | None = None) -> pd.DataFrame | None:
     return pd.read_csv(path, dtype={m: str for m in ("top1", "restricted", "in_context", "exposed")})
 
 
-def stored_controlled(root=None, path: str | Path | None = None, n_boot: int = 2000) -> pd.DataFrame | None:
-    "`controlled_effects`: `arm_effects` of the committed arms, stored; None if the arms were not trained."
+def stored_from_file(name: str, path: Path, effects, root=None, n_boot: int = 2000, version: int = 1):
+    """The table `name`: `effects(table read from path, n_boot, seed=0)` through the store, keyed by the sha256 of the
+    committed file at `path` (retrain an arm and the table is stale); None if the file does not exist."""
     import hashlib
     from entity_circuits.results import cached
-    path = Path(path) if path is not None else organisms_dir() / ARMS_DIR / "arms.csv"
     if not path.exists():
         return None
     data = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    return cached("controlled_effects", lambda data, n_boot, seed: arm_effects(arms_table(path), n_boot, seed),
-                  dict(data=data, n_boot=n_boot, seed=0), root=root)
+    return cached(name, lambda data, n_boot, seed: effects(pd.read_csv(path, dtype=str, keep_default_na=False)
+                                                           .astype({"seed": int}), n_boot, seed),
+                  dict(data=data, n_boot=n_boot, seed=0), root=root, version=version)
+
+
+def stored_controlled(root=None, path: str | Path | None = None, n_boot: int = 2000) -> pd.DataFrame | None:
+    """`controlled_effects`: `arm_effects` of the committed arms, stored; None if the arms were not trained. Version 2:
+    a row per regime (the second replay regime)."""
+    path = Path(path) if path is not None else organisms_dir() / ARMS_DIR / "arms.csv"
+    return stored_from_file("controlled_effects", path, arm_effects, root, n_boot, version=2)
 
 # %% ../nbs/05a_controlled.ipynb #ctl21
 def per_seed(arms: pd.DataFrame) -> pd.DataFrame:

@@ -26,7 +26,7 @@ _log = logging.getLogger("entity_circuits.results")
 # %% auto #0
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
            'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_controlled',
-           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory',
+           'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_arms',
            'step_extras', 'step_figures', 'root_for', 'reproduce', 'status']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
@@ -161,6 +161,17 @@ def step_trajectory(zoo: Zoo, root=None) -> dict:
     return {f"trajectory_{r}": stored_trajectory(r, circuit, heads, root, n=zoo.config.n_trajectory,
                                                  steps=zoo.config.trajectory_steps) for r in roles}
 
+
+
+@step("arms")
+def step_arms(zoo: Zoo, root=None) -> dict:
+    """The arms chapter's effects: the controlled experiment's arms measured as the fine-tunes are (circuit, CMAP, DCM,
+    mechanism), arm minus replay-only (`arms_effects`), from the committed measures of the base organism's arms."""
+    if zoo.roles.get("base") != "organism-base":      # the arms are fine-tunes of the base organism
+        return {}
+    from entity_circuits.arms import stored_arms_effects
+    table = stored_arms_effects(root)
+    return {} if table is None else {"arms_effects": table}
 
 # %% ../nbs/11_reproduce.ipynb #stepextras
 EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query label -> previous query label",

@@ -16,12 +16,14 @@ from .dcm import PAPER_FIG3
 from .evaluate import ratio_ci
 from .groups import GROUP_LETTERS, PAPER_ACCURACY, PAPER_TABLE1
 from .results import load_result
+from .controlled import CONTROL_OF
 from .zoo import ROLES, SMOLLM2, role_of, table_name
 
 # %% auto #0
-__all__ = ['NOT_COMPUTED', 'FAITHFUL', 'CHAT_MARGIN', 'MATH_ARMS', 'POSITIVE_CONTROL', 'PROTOCOLS', 'MAIN_FUNCTION', 'CLAIMS',
-           'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy', 'claim_faithful', 'claim_functions',
-           'claim_cmap', 'claim_positional', 'verdict_table', 'format_verdict']
+__all__ = ['NOT_COMPUTED', 'FAITHFUL', 'CHAT_MARGIN', 'MATH_ARMS', 'POSITIVE_CONTROL', 'PROTOCOLS', 'MAIN_FUNCTION',
+           'AMONG_CHANCE', 'CLAIMS', 'compare', 'judge', 'fmt', 'claim_math_accuracy', 'claim_chat_accuracy',
+           'claim_faithful', 'claim_functions', 'claim_cmap', 'claim_positional', 'verdict_table', 'verdict_points',
+           'plot_verdict', 'format_verdict']
 
 # %% ../nbs/10b_verdict.ipynb #3f505583
 NOT_COMPUTED = "not computed"
@@ -85,8 +87,34 @@ def _controlled(root, arms) -> pd.DataFrame | None:
     t = load_result("controlled_effects", root)
     if t is None:
         return None
+    if "regime" in t:
+        t = t[t.regime.fillna("") == "binding"]          # the main regime decides; the second is a robustness check
     t = t[(t.metric == "top1") & t.arm.isin(arms)].set_index("arm")
     return t if set(arms) <= set(t.index) else None
+
+
+def _arms_effects(root, measure: str, arms: Sequence[str] = ()) -> pd.DataFrame | None:
+    """The arms chapter's `arms_effects` rows of `measure`, main regime, by arm (the base's row included), or None if
+    that table is not stored or lacks `measure` or one of `arms`."""
+    t = load_result("arms_effects", root)
+    if t is None:
+        return None
+    t = t[(t.measure == measure) & ((t.arm == "base") | (t.regime.fillna("") == "binding"))].set_index("arm")
+    return None if "base" not in t.index or not set(arms) <= set(t.index) else t
+
+
+def _points(t: pd.DataFrame, what: str, paper: dict | None = None) -> list[dict]:
+    """The verdict figure's points: for each arm of `t` (an effects table by arm, the base's row skipped) its effect
+    against its control and against the base, with `paper[arm]` (the paper's difference for that analogue) if given."""
+    return [dict(what=what, arm=r.Index, control=r.control, effect=r.effect, ci_low=r.ci_low, ci_high=r.ci_high,
+                 vs_base=r.vs_base, vs_base_low=r.vs_base_low, vs_base_high=r.vs_base_high,
+                 paper=(paper or {}).get(r.Index, np.nan)) for r in t.itertuples() if r.Index != "base"]
+
+
+def _paper_deltas() -> dict:
+    "arm -> the paper's accuracy difference (fine-tune minus LLaMA-7B) of the model it stands for."
+    base = PAPER_ACCURACY["LLaMA-7B"]
+    return {role: PAPER_ACCURACY[p] - base for p, role in ROLES.items() if role != "base"}
 
 
 def _effect(r) -> str:
@@ -111,7 +139,8 @@ def claim_math_accuracy(root=None) -> dict:
             verdict = "not testable on these organisms"
         text = "; ".join(map(_effect, t.loc[[*MATH_ARMS, POSITIVE_CONTROL]].itertuples()))
         return dict(row, organisms=f"top-1, arm minus replay-only (seeds and prompts): {text} (positive control)",
-                    verdict=verdict, evidence="controlled_effects")
+                    verdict=verdict, evidence="controlled_effects",
+                    points=_points(t.loc[[*MATH_ARMS, POSITIVE_CONTROL]], "top-1 accuracy", _paper_deltas()))
     row["evidence"] = "accuracy_vs_base"
     t = load_result("accuracy_vs_base", root)
     t = None if t is None else t[t.role.isin(MATH_ARMS)]
@@ -141,7 +170,8 @@ def claim_chat_accuracy(root=None) -> dict:
     if t is not None:
         r = next(t.itertuples())
         return dict(row, organisms=f"top-1, arm minus replay-only: {_effect(r)}",
-                    verdict=_within_margin(r.ci_low, r.ci_high), evidence="controlled_effects")
+                    verdict=_within_margin(r.ci_low, r.ci_high), evidence="controlled_effects",
+                    points=_points(t, "top-1 accuracy (chat)", _paper_deltas()))
     row["evidence"] = "accuracy_vs_base"
     t = load_result("accuracy_vs_base", root)
     t = None if t is None else t[t.role == "chat"]
@@ -157,15 +187,47 @@ PROTOCOLS = {"ablate": "the paper's protocol", "keep": "context kept"}
 "Table 1's two ablation contexts, the paper's first: every other head mean-ablated at every position, or at the last."
 
 
+def _first_protocol(verdicts: dict) -> str:
+    "The paper's protocol's verdict, or, where it cannot test the claim, that and the context-kept one."
+    first = next(iter(verdicts.values()))
+    if first.startswith("not testable") and "keep" in verdicts and len(verdicts) > 1:
+        first = f"not testable under the paper's protocol; context kept: {verdicts['keep']}"
+    return first
+
+
+def _faithful_in_arms(root, row: dict) -> dict | None:
+    """`claim_faithful` on the controlled experiment's arms (`arms_effects`): each math arm's faithfulness clearly at
+    least `FAITHFUL`, testable under a protocol only where the base itself is; arm minus replay-only beside it."""
+    tables = {c: _arms_effects(root, f"faithfulness {c}", MATH_ARMS) for c in PROTOCOLS}
+    if any(t is None for t in tables.values()):
+        return None
+    parts, verdicts, points = [], {}, []
+    for context, label in PROTOCOLS.items():
+        t = tables[context]
+        base, math = t.loc["base"], t.loc[list(MATH_ARMS)]
+        testable = compare(base.value_low, base.value_high, FAITHFUL) == "above"
+        verdicts[context] = (judge([compare(r.value_low, r.value_high, FAITHFUL) for r in math.itertuples()])
+                             if testable else "not testable (the circuit is not faithful in the base itself)")
+        cells = "; ".join(f"{r.Index} {fmt(r.value, r.value_low, r.value_high)} "
+                          f"({fmt(r.effect, r.ci_low, r.ci_high, True)} vs {r.control})" for r in math.itertuples())
+        parts.append(f"{label}: {cells}; in the base itself {fmt(base.value, base.value_low, base.value_high)}")
+        points += _points(math, f"faithfulness ({label})")
+    return dict(row, organisms=" | ".join(parts) + f" (faithful = at least {FAITHFUL})",
+                verdict=_first_protocol(verdicts), evidence="arms_effects", points=points)
+
+
 def claim_faithful(root=None) -> dict:
     """The base circuit is faithful in the fine-tuned models (faithfulness clearly at least `FAITHFUL`). Judged under
     the paper's protocol first, where it can be tested only if the circuit is faithful in the base itself; with the
     context kept beside it. Where the paper's protocol cannot test it, the verdict says so and gives the context-kept
-    one."""
+    one. On the controlled experiment's math arms when they are measured (`_faithful_in_arms`), else on Table 1's
+    fine-tunes."""
     paper = "; ".join(f"{r['paper model']} {r['paper faithfulness']:.2f}" for role, r in PAPER_TABLE1.iterrows()
                       if role != "base")
     row = dict(claim="the base circuit is faithful in the fine-tuned models", paper=paper,
                SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="table1")
+    if (arms := _faithful_in_arms(root, row)) is not None:
+        return arms
     t = load_result("table1", root)
     t = None if t is None else t[t.metric == "faithfulness"]
     if t is None or t[t.role != "base"].empty:
@@ -182,10 +244,8 @@ def claim_faithful(root=None) -> dict:
         cells = "; ".join(f"{r.role} {fmt(r.value, r.ci_low, r.ci_high)}" for r in tuned.itertuples())
         own = "".join(f", in the base itself {fmt(r.value, r.ci_low, r.ci_high)}" for r in base.itertuples())
         parts.append(f"{label}: {cells}{own}")
-    first = next(iter(verdicts.values()))
-    if first.startswith("not testable") and "keep" in verdicts and len(verdicts) > 1:
-        first = f"not testable under the paper's protocol; context kept: {verdicts['keep']}"
-    return dict(row, organisms=" | ".join(parts) + f" (faithful = at least {FAITHFUL})", verdict=first)
+    return dict(row, organisms=" | ".join(parts) + f" (faithful = at least {FAITHFUL})",
+                verdict=_first_protocol(verdicts))
 
 # %% ../nbs/10b_verdict.ipynb #2a8e9523
 MAIN_FUNCTION = {"value_fetcher": "object", "pos_transmitter": "position", "pos_detector": "position",
@@ -207,14 +267,61 @@ def _base_function(t: pd.DataFrame, group: str) -> str | None:
     return sel.groupby("desideratum").accuracy.mean().idxmax()
 
 
+AMONG_CHANCE = 1 / 14
+"Chance of a Fig. 3 answer read among the pair's objects: the 2 x 7 objects of a base prompt and its source prompt."
+
+
+def _function_measure(root, group: str) -> str | None:
+    """The `arms_effects` measure of `group`'s paper function (`MAIN_FUNCTION`), read among the pair's objects: the
+    heads DCM selected for it in the base, or, for a position function DCM selected no head for, every head of the
+    group; None if neither exists."""
+    from entity_circuits.dcm import selected_heads
+    d, dcm = MAIN_FUNCTION[group], load_result("dcm_base", root)
+    if dcm is not None and selected_heads(dcm).get((group, d)):
+        return f"dcm {group} {d} among"
+    return f"group {group} position among" if d == "position" else None
+
+
+def _functions_in_arms(root, row: dict) -> dict | None:
+    """`claim_functions` on the controlled experiment's math arms (`arms_effects`): for every group whose paper
+    function the base carries above chance (`AMONG_CHANCE`, CI above), each math arm keeps at least `FAITHFUL` of
+    the base's accuracy (arm minus base, CI above -(1 - FAITHFUL) x base); arm minus replay-only beside it."""
+    if load_result("arms_effects", root) is None:
+        return None
+    cells, outcomes, absent, points = [], [], [], []
+    for g, d in MAIN_FUNCTION.items():
+        m = _function_measure(root, g)
+        t = None if m is None else _arms_effects(root, m, MATH_ARMS)
+        if t is None:
+            continue                                   # the group has no head in the base circuit
+        base = t.loc["base"]
+        name = f"{GROUP_LETTERS[g]} {d}" + ("" if m.startswith("dcm") else " (whole group)")
+        if compare(base.value_low, base.value_high, AMONG_CHANCE) != "above":
+            absent.append(f"{name}: base {fmt(base.value, base.value_low, base.value_high)}")
+            continue
+        for r in t.loc[list(MATH_ARMS)].itertuples():
+            outcomes.append(compare(r.vs_base_low, r.vs_base_high, -(1 - FAITHFUL) * base.value))
+            cells.append(f"{name} {r.Index} {fmt(r.value)} vs base {fmt(base.value)} "
+                         f"({fmt(r.effect, r.ci_low, r.ci_high, True)} vs {r.control})")
+        points += _points(t.loc[list(MATH_ARMS)], f"DCM {name}")
+    text = "; ".join(cells) + (" | not carried in the base (chance %.2f): " % AMONG_CHANCE + "; ".join(absent)
+                               if absent else "")
+    verdict = judge(outcomes) if outcomes else "not testable (no group carries its function in the base)"
+    return dict(row, organisms=text + " (read among the pair's objects)", verdict=verdict, evidence="arms_effects",
+                points=points)
+
+
 def claim_functions(root=None) -> dict:
     """The groups keep their function in the fine-tuned models: for each group's function in the base (`_base_function`:
     the paper's, unless DCM found the group carrying another), the DCM heads' accuracy in a fine-tune is at least
-    `FAITHFUL` of the base's (ratio of means over runs, paired bootstrap CI)."""
+    `FAITHFUL` of the base's (ratio of means over runs, paired bootstrap CI). On the controlled experiment's arms when
+    they are measured (`_functions_in_arms`: the paper's function of every group, B and C on position)."""
     row = dict(claim="group functions persist (DCM)", SmolLM2="n/a (no fine-tuned SmolLM2)",
                evidence="dcm_functionality")
     row["paper"] = "; ".join(f"{GROUP_LETTERS[g]} {d}: " + " / ".join(f"{v:.0f}" for v in PAPER_FIG3.loc[(g, d)])
                              for g, d in MAIN_FUNCTION.items()) + " % (LLaMA / Vicuna / Goat / FLoat)"
+    if (arms := _functions_in_arms(root, row)) is not None:
+        return arms
     t = load_result("dcm_functionality", root)
     if t is None or not {"model", "group", "desideratum", "run", "accuracy"} <= set(t.columns):
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
@@ -244,12 +351,39 @@ def _paper_cmap() -> str:
         + f" (over LLaMA-7B alone {PAPER_CMAP_BASE:.2f})"
 
 
+def _cmap_in_arms(root, row: dict) -> dict | None:
+    """`claim_cmap` on the controlled experiment's arms (`arms_effects`): a math arm's Value Fetcher heads (A) patched
+    into the base do better than its replay-only control's (arm minus control, CI above 0), with A's gain over the
+    base at least half the full circuit's; B, the full circuit and chat (the second control) beside."""
+    t = {g: _arms_effects(root, f"cmap {g}", (*MATH_ARMS, "chat")) for g in ("A", "B", "full")}
+    if t["A"] is None or t["full"] is None:
+        return None
+    cells, outcomes = [], []
+    for arm in (*MATH_ARMS, "chat"):
+        a, full = t["A"].loc[arm], t["full"].loc[arm]
+        side = compare(a.ci_low, a.ci_high, 0)
+        if side == "above" and a.vs_base < 0.5 * full.vs_base:
+            side = "below"
+        if arm in MATH_ARMS:
+            outcomes.append(side)
+        groups = [(g, t[g].loc[arm]) for g in ("A", "B", "full") if t[g] is not None]
+        cells.append(f"{arm}: " + ", ".join(f"{g} {fmt(r.effect, r.ci_low, r.ci_high, True)}" for g, r in groups)
+                     + f" vs {a.control} (" + ", ".join(f"{g} {fmt(r.vs_base, signed=True)}" for g, r in groups)
+                     + " vs base)")
+    points = _points(t["A"].loc[[*MATH_ARMS, "chat"]], "CMAP, A heads")
+    return dict(row, organisms="; ".join(cells) + " (accuracy of the base with the arm's heads patched in)",
+                verdict=judge(outcomes), evidence="arms_effects", points=points)
+
+
 def claim_cmap(root=None) -> dict:
     """CMAP (table `cmap_outputs`: a math fine-tune's head outputs patched into the base): the full circuit's patch
     raises the base's accuracy (paired CI above 0), the Value Fetcher's (A) gain is at least half of it, and the
-    Position Transmitter's (B) is the next largest. A full-circuit gain whose CI straddles 0 is 'unclear'."""
+    Position Transmitter's (B) is the next largest. A full-circuit gain whose CI straddles 0 is 'unclear'. On the
+    controlled experiment's arms when they are measured (`_cmap_in_arms`: against the replay-only control)."""
     row = dict(claim="CMAP: value fetcher heads carry most of the gain, then position transmitter",
                paper=_paper_cmap(), SmolLM2="n/a (no fine-tuned SmolLM2)", evidence="cmap_outputs")
+    if (arms := _cmap_in_arms(root, row)) is not None:
+        return arms
     t = load_result("cmap_outputs", root)
     if t is None or not {"source", "group", "accuracy", "delta", "delta_ci_low", "delta_ci_high"} <= set(t.columns):
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
@@ -276,10 +410,34 @@ def claim_cmap(root=None) -> dict:
 
 
 # %% ../nbs/10b_verdict.ipynb #ba917c99
+def _positional_in_arms(root, row: dict) -> dict | None:
+    """`claim_positional` on the controlled experiment's arms (`arms_effects`): testable only if some model (the base
+    or an arm) gives the positional answer more probability than the boxes no mechanism names (`positional over
+    floor`, CI above 0); then each math arm's positional probability minus its replay-only control's, CI above 0."""
+    floor, t = _arms_effects(root, "positional over floor"), _arms_effects(root, "p positional", MATH_ARMS)
+    if floor is None or t is None:
+        return None
+    above = [a for a, r in floor.iterrows() if compare(r.value_low, r.value_high, 0) == "above"]
+    over = "; ".join(f"{a} {fmt(r.value, r.value_low, r.value_high, True)}" for a, r in floor.iterrows()
+                     if a == "base" or a in MATH_ARMS or CONTROL_OF.get(a) == a)
+    if not above:
+        return dict(row, organisms=f"positional answer minus the unnamed-boxes floor: {over}",
+                    verdict="not testable (no model retrieves positionally above the unnamed-boxes floor)",
+                    evidence="arms_effects", points=_points(t.loc[list(MATH_ARMS)], "positional probability"))
+    math = t.loc[list(MATH_ARMS)]
+    cells = "; ".join(map(_effect, math.itertuples()))
+    return dict(row, organisms=f"probability of the positional answer, arm minus replay-only: {cells} | above the "
+                               f"floor: {over}", verdict=judge([compare(r.ci_low, r.ci_high, 0)
+                                                                for r in math.itertuples()]),
+                evidence="arms_effects", points=_points(math, "positional probability"))
+
+
 def claim_positional(root=None) -> dict:
     """Fine-tuning improves positional handling (the paper's reading of its CMAP and DCM results; Gur-Arieh et al.'s
     positional mechanism): the math fine-tunes' probability of the positional answer in the mechanisms chapter's
-    counterfactual patch (`mechanisms_vs_base`) rises over the base's, paired 95% CI above 0."""
+    counterfactual patch (`mechanisms_vs_base`) rises over the base's, paired 95% CI above 0. On the controlled
+    experiment's arms when they are measured (`_positional_in_arms`: testable only above the unnamed-boxes floor,
+    judged against the replay-only control)."""
     row = dict(claim="fine-tuning improves positional handling",
                paper="stated qualitatively (the fine-tuned circuits handle augmented positional information); "
                      "no number",
@@ -290,6 +448,8 @@ def claim_positional(root=None) -> dict:
         row["SmolLM2"] += (f"; its own retrieval ({int(r.n_boxes)} boxes): positional {r['p positional']:.2f}, "
                            f"lexical {r['p lexical']:.2f}, reflexive {r['p reflexive']:.2f} "
                            f"(chance {1 / r.n_boxes:.2f})")
+    if (arms := _positional_in_arms(root, row)) is not None:
+        return arms
     t = load_result("mechanisms_vs_base", root)
     if t is None or not {"model", "mechanism", "delta", "ci_low", "ci_high"} <= set(t.columns):
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
@@ -311,6 +471,46 @@ def verdict_table(root=None) -> pd.DataFrame:
     verdict."""
     cols = ["claim", "paper", "organisms", "SmolLM2", "verdict", "evidence"]
     return pd.DataFrame([claim(root) for claim in CLAIMS])[cols]
+
+
+def verdict_points(root=None) -> pd.DataFrame:
+    """The numbers each claim was judged on, one row per claim, measure and arm (the claims judged on the controlled
+    experiment's arms): effect against the replay-only control and against the base, with the paper's difference
+    where it has one. The verdict figure draws them."""
+    rows = []
+    for claim in CLAIMS:
+        r = claim(root)
+        rows += [dict(claim=r["claim"], verdict=r["verdict"], **p) for p in r.get("points", [])]
+    return pd.DataFrame(rows)
+
+
+def plot_verdict(points: pd.DataFrame):
+    """One row per claim and measure (`verdict_points`): each arm's effect against its replay-only control (black,
+    95% CI) and against the base (grey), the paper's difference (red star) where it has one; the verdict in the
+    label. Effects on different scales (accuracy, faithfulness, probability) share the axis only by being
+    differences."""
+    import matplotlib.pyplot as plt
+    whats = list(dict.fromkeys(points.what))
+    fig, axes = plt.subplots(len(whats), 1, figsize=(8, 0.7 + 0.42 * len(points)), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[(points.what == w).sum() for w in whats]))
+    for ax, what in zip(axes[:, 0], whats):
+        t = points[points.what == what].reset_index(drop=True)
+        for y, r in t.iterrows():
+            ax.errorbar(r.vs_base, y - 0.15, xerr=[[r.vs_base - r.vs_base_low], [r.vs_base_high - r.vs_base]],
+                        fmt="o", mfc="white", color="grey", capsize=2, label="arm - base" if y == 0 else None)
+            ax.errorbar(r.effect, y + 0.15, xerr=[[r.effect - r.ci_low], [r.ci_high - r.effect]], fmt="o",
+                        color="black", capsize=2, label="arm - replay-only control" if y == 0 else None)
+            if np.isfinite(r.paper):
+                ax.plot(r.paper, y - 0.15, "*", color="tab:red", ms=9, label="paper (fine-tune - base)")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(t)), [f"{a} (vs {c})" for a, c in zip(t.arm, t.control)], fontsize=8)
+        ax.set_ylim(len(t) - 0.5, -0.5)
+        ax.set_title(f"{t.claim.iloc[0]}: {what} - {t.verdict.iloc[0]}", fontsize=8, loc="left")
+    handles = {l: h for ax in axes[:, 0] for h, l in zip(*ax.get_legend_handles_labels())}
+    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel("difference")
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/10b_verdict.ipynb #2942d209
 def format_verdict(table: pd.DataFrame, width: int = 110) -> str:
