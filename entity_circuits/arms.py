@@ -25,7 +25,7 @@ from .zoo import Config, Zoo
 
 # %% auto #0
 __all__ = ['TRAJECTORY_ARMS', 'DERIVED', 'ArmMeasures', 'mechanism_outcomes', 'measure_arm', 'downstream_effects', 'arms_file',
-           'stored_arms_effects', 'arm_trajectories']
+           'stored_arms_effects', 'arm_trajectories', 'downstream_table', 'downstream_per_seed', 'effect_lines']
 
 # %% ../nbs/10a2_arms.ipynb #arm05
 TRAJECTORY_ARMS = ("replay-full", "replay-lora", "math-full", "math-lora")
@@ -199,3 +199,39 @@ def arm_trajectories(path: str | Path | None = None) -> dict[str, pd.DataFrame]:
     path = Path(path) if path is not None else arms_file("trajectories.csv")
     t = pd.read_csv(path, keep_default_na=False).astype({"step": int, "value": float})
     return {arm: g.rename(columns={"arm": "role"}) for arm, g in t.groupby("arm", sort=False)}
+
+# %% ../nbs/10a2_arms.ipynb #arm14
+def downstream_table(path: str | Path | None = None) -> pd.DataFrame | None:
+    "The committed per-prompt measures (`downstream.csv`), or None if the arms were not measured."
+    path = Path(path) if path is not None else arms_file("downstream.csv")
+    if not path.exists():
+        return None
+    return pd.read_csv(path, dtype=str, keep_default_na=False).astype({"seed": int})
+
+
+def downstream_per_seed(downstream: pd.DataFrame) -> pd.DataFrame:
+    """One row per regime, arm and seed; a column per measure (its mean over prompts or pairs; `mechanism site` as is),
+    and the `DERIVED` ones."""
+    mean = lambda s: float(s) if s.isdigit() and len(s) < 3 else float(np.mean(_outcomes(
+        pd.DataFrame(dict(measure=["m"], seed=[0], values=[s])), "m")))
+    t = downstream.assign(value=downstream["values"].map(mean))
+    t = t.pivot_table(index=["regime", "arm", "seed"], columns="measure", values="value", sort=False).reset_index()
+    for name, ((a, b), fn) in DERIVED.items():                  # the derived measures, of the seed's means
+        if a in t and b in t:
+            t[name] = fn(t[a], t[b])
+    return t.rename_axis(columns=None)
+
+# %% ../nbs/10a2_arms.ipynb #arm20
+def effect_lines(effects: pd.DataFrame, measures, regime: str = "binding") -> str:
+    "One line per measure: each task arm's value and its effect against its control, as the table has them."
+    t = effects[(effects.regime.fillna("") == regime) | (effects.arm == "base")].set_index(["measure", "arm"])
+    lines = []
+    for m in measures:
+        if (m, "base") not in t.index:
+            continue
+        b = t.loc[(m, "base")]
+        cells = [f"{a} {t.loc[(m, a), 'value']:.3f} ({t.loc[(m, a), 'effect']:+.3f} "
+                 f"[{t.loc[(m, a), 'ci_low']:+.3f}, {t.loc[(m, a), 'ci_high']:+.3f}] vs {t.loc[(m, a), 'control']})"
+                 for a in ARMS if CONTROL_OF[a] != a and (m, a) in t.index]
+        lines.append(f"- **{m}**: base {b.value:.3f} [{b.value_low:.3f}, {b.value_high:.3f}]; " + "; ".join(cells))
+    return "\n".join(lines)

@@ -19,8 +19,8 @@ import torch
 from .corpus import EXPOSED, UNSEEN, organism_tokenizer
 from .data import encode
 from .models import MANIFEST_NAME, organisms_dir, write_manifest
-from .organisms import (FineTune, OrganismRecipe, _run_jobs, _save, choose_lr, evaluate_organism,
-                                       fine_tune, recipe_from_json)
+from .organisms import (RETAINED_FORMATS, FineTune, OrganismRecipe, _run_jobs, _save, choose_lr,
+                                       evaluate_organism, fine_tune, recipe_from_json)
 from .zoo import Config, Zoo, context_choice
 
 # %% auto #0
@@ -304,21 +304,25 @@ def stored_controlled(root=None, path: str | Path | None = None, n_boot: int = 2
 
 # %% ../nbs/05a_controlled.ipynb #ctl21
 def per_seed(arms: pd.DataFrame) -> pd.DataFrame:
-    "One row per arm and seed: every metric's mean over the test prompts, and the skills `arms.csv` records."
-    rows = []
+    "One row per regime, arm and seed: every metric's mean over the test prompts, and the skills `arms.csv` records."
+    rows, arms = [], with_regime(arms).reset_index(drop=True)
     for r in arms.itertuples():
         one = arms.loc[[r.Index]]
-        rows.append(dict(arm=r.arm, seed=r.seed, **{m: float((lambda v: (v[0] * v[1]).sum() / v[1].sum())(
+        rows.append(dict(regime=r.regime, arm=r.arm, seed=r.seed, **{m: float((lambda v: (v[0] * v[1]).sum() / v[1].sum())(
             _metric(one, m))) for m in METRICS}))
     skills = [c for c in ("places_acc7", "possession_acc7", "variables_acc7", "dialogue_loss", "arithmetic_exact",
                           "named-arithmetic_exact") if c in arms]
     return pd.DataFrame(rows).join(arms[skills].reset_index(drop=True))
 
 # %% ../nbs/05a_controlled.ipynb #ctl24
-def plot_effects(effects: pd.DataFrame, per_seed_table: pd.DataFrame, metrics=("top1", "restricted", "outside")):
-    """Each task arm's effect per metric, arm minus control (black) and minus base (grey), the control's seed spread
-    behind."""
+def plot_effects(effects: pd.DataFrame, per_seed_table: pd.DataFrame, metrics=("top1", "restricted", "outside"),
+                 regime: str = "binding"):
+    """Each task arm's effect per metric under `regime`, arm minus control (black) and minus base (grey), the control's
+    seed spread behind (`per_seed_table`: a column per metric). Also draws the arms chapter's `arms_effects` (its
+    `measure` column read as the metric)."""
     import matplotlib.pyplot as plt
+    effects = with_regime(effects).rename(columns={"measure": "metric"}).query("regime == @regime")
+    per_seed_table = per_seed_table[per_seed_table.regime == regime]
     arms = [a for a in ARMS if CONTROL_OF[a] != a]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.5 + 0.55 * len(arms)), sharey=True)
     for ax, m in zip(np.atleast_1d(axes), metrics):
@@ -326,14 +330,15 @@ def plot_effects(effects: pd.DataFrame, per_seed_table: pd.DataFrame, metrics=("
         for y, arm in enumerate(arms):
             r = t.loc[arm]
             spread = per_seed_table[per_seed_table.arm == r.control][m]
-            ax.fill_betweenx([y - 0.35, y + 0.35], spread.min() - spread.mean(), spread.max() - spread.mean(),
-                             color="tab:blue", alpha=0.15, lw=0)
+            if len(spread) > 1:
+                ax.fill_betweenx([y - 0.35, y + 0.35], spread.min() - spread.mean(), spread.max() - spread.mean(),
+                                 color="tab:blue", alpha=0.15, lw=0)
             ax.errorbar(r.vs_base, y - 0.15, xerr=[[r.vs_base - r.vs_base_low], [r.vs_base_high - r.vs_base]],
                         fmt="o", mfc="white", color="grey", capsize=3, label="arm - base" if y == 0 else None)
             ax.errorbar(r.effect, y + 0.15, xerr=[[r.effect - r.ci_low], [r.ci_high - r.effect]], fmt="o",
                         color="black", capsize=3, label="arm - replay-only control" if y == 0 else None)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_title(m)
+        ax.set_title(f"{m} ({regime} replay)")
         ax.set_xlabel("difference")
     axes[0].set_yticks(range(len(arms)), [f"{a} (vs {CONTROL_OF[a]})" for a in arms])
     axes[0].legend(loc="lower right", fontsize=8)
@@ -345,9 +350,10 @@ OUTSIDE_TARGET = 0.10
 "The issue's target: each arm's top-1 answer outside the context's objects on at most this share of the test prompts."
 
 
-def findings(effects: pd.DataFrame) -> str:
-    "The chapter's reading of the effects, computed from the table: transfer against replay, vocabulary, E and U."
-    t = effects.set_index(["arm", "metric"])
+def findings(effects: pd.DataFrame, regime: str = "binding") -> str:
+    """The chapter's reading of the effects under `regime`, computed from the table: transfer against replay,
+    vocabulary, E and U."""
+    t = with_regime(effects).query("regime == @regime").set_index(["arm", "metric"])
     tasks = [a for a in ARMS if CONTROL_OF[a] != a]
     side = lambda r: "above" if r.ci_low > 0 else "below" if r.ci_high < 0 else "within noise of"
     lines = [f"- **{a}**: top-1 {t.loc[(a, 'top1'), 'value']:.3f}, {side(t.loc[(a, 'top1')])} its control "

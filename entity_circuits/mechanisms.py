@@ -507,7 +507,7 @@ def plot_trajectory(trajectories: Mapping[str, pd.DataFrame]):
     "Per fine-tuning snapshot: accuracy, the base circuit's faithfulness, CMAP gain per group, mechanism probabilities."
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(13, 2.9))
-    styles = dict(zip(trajectories, ("-", "--", ":")))
+    styles = dict(zip(trajectories, ("-", "--", ":", "-.", (0, (1, 4)))))
     for role, t in trajectories.items():
         t = t[t.step >= 0]
         get = lambda metric, group="": t[(t.metric == metric) & (t.group.fillna("") == group)].sort_values("step")
