@@ -478,10 +478,12 @@ def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: 
 def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, lr: float | None = None,
               log: Callable[[dict], None] = lambda row: None, name: str | None = None, replicate: int = 0,
               on_eval: Callable[[int, Any], None] | None = None, vocabulary: str = "separate",
-              replay: str = "binding"):
+              replay: str = "binding", trainable: Callable[[Any], Callable[[], None]] | None = None):
     """Fine-tune a copy of `base` with `design` (or a name in `DESIGNS`) at `lr`; LoRA stays unmerged (a PeftModel).
     `replicate` > 0 draws another data order (and LoRA initialisation); `on_eval(step, model)` is called at every
-    evaluation step (step 0 included), e.g. to keep snapshots. `vocabulary`, `replay`: the replay's (`fine_tune_stream`)."""
+    evaluation step (step 0 included), e.g. to keep snapshots. `vocabulary`, `replay`: the replay's (`fine_tune_stream`).
+    `trainable(model)`, if given, is called on the copy before the optimizer is built: it may freeze parameters and
+    returns a function run after every optimizer step (e.g. the targeted chapter's `train_only_heads`)."""
     if isinstance(design, str):
         if design not in DESIGNS:
             raise ValueError(f"unknown fine-tune {design!r}; choose from {sorted(DESIGNS)}.")
@@ -495,6 +497,7 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
             model = get_peft_model(model, LoraConfig(
                 r=recipe.ft_lora_r, lora_alpha=2 * recipe.ft_lora_r, lora_dropout=0.0,
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    after_step = trainable(model) if trainable is not None else (lambda: None)
     opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], lr, recipe, warmup=20, weight_decay=0.0)
     boxes_eval, formats = sample_boxes(recipe.n_eval // 3, 7, seed=BOXES_EVAL_SEED), BINDING_FORMATS[1:]
     tag = {"organism": name or design.task or "replay", "lr": lr}
@@ -519,6 +522,7 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
         opt.zero_grad()
         loss.backward()
         opt.step()
+        after_step()
         sched.step()
         row = {"step": step, **tag, "loss": loss.item()}
         if step % recipe.ft_eval_every == 0 or step == recipe.ft_steps:
