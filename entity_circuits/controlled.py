@@ -81,24 +81,28 @@ def _base_model():
 
 
 def _arm_job(out: str, arm: str, seed: int, recipe: OrganismRecipe, n_test: int, keep: bool, regime: str = "binding",
-             lr: float | None = None, downstream=None) -> tuple[dict, dict]:
+             lr: float | None = None, downstream=None, design: FineTune | None = None, control: str | None = None,
+             trainable=None) -> tuple[dict, dict]:
     """Fine-tune `arm` at `seed` from the shipped base under `regime` at `lr` (default `ARM_LRS`), evaluate it, keep
-    its checkpoint if `keep`: a row of `arms.csv`, and what `downstream` measures of it (see `train_arms`)."""
+    its checkpoint if `keep`: a row of `arms.csv`, and what `downstream` measures of it (see `train_arms`). An arm
+    outside `ARMS` (the targeted chapter's) gives its `design`, its `control` and `trainable` (see `fine_tune`)."""
+    design = ARMS[arm] if design is None else design
+    control = CONTROL_OF[arm] if control is None else control
     torch.set_num_threads(recipe.threads)
     tokenizer, t, base = organism_tokenizer(), time.time(), _base_model()
     lr = ARM_LRS[arm] if lr is None else lr
     snapshots: dict = {}
     keep_snapshots = downstream is not None and downstream.wants_snapshots(arm, seed, regime)
-    model = fine_tune(base, tokenizer, ARMS[arm], recipe, lr, name=arm, replicate=seed, vocabulary="shared",
+    model = fine_tune(base, tokenizer, design, recipe, lr, name=arm, replicate=seed, vocabulary="shared",
                       replay=regime, on_eval=(lambda step, m: snapshots.__setitem__(step, copy.deepcopy(m).eval()))
-                      if keep_snapshots else None)
+                      if keep_snapshots else None, trainable=trainable)
     wall = round(time.time() - t, 1)
     if keep:
         _save(model, Path(out) / arm)
     outcomes = answer_outcomes(model, tokenizer, Zoo(["organism-base"], Config()).test_prompts(n_test))
     skills = evaluate_organism(model, tokenizer, recipe)
-    row = {"regime": regime, "arm": arm, "seed": seed, "lr": lr, "lora": ARMS[arm].lora, "task": ARMS[arm].task or "",
-           "control": CONTROL_OF[arm], "wall_seconds": wall, "n": n_test,
+    row = {"regime": regime, "arm": arm, "seed": seed, "lr": lr, "lora": design.lora, "task": design.task or "",
+           "control": control, "wall_seconds": wall, "n": n_test,
            **{m: _bits(outcomes[m]) for m in ("top1", "restricted", "in_context", "exposed")},
            **{k: v for k, v in skills.items() if k != "boxes_outcomes"}}
     measured = {} if downstream is None else downstream.measure(model, tokenizer, base, regime, snapshots)

@@ -5,15 +5,23 @@
 # %% ../nbs/10a3_targeted.ipynb #tgt02
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
+from .controlled import SEEDS
+from .models import organisms_dir
 from .tracing import attention_layout, get_module
+from .zoo import Config
 
 # %% auto #0
-__all__ = ['head_masks', 'trainable_count', 'train_only_heads']
+__all__ = ['TARGETED_DIR', 'TARGETED_LR', 'TARGETED_TASKS', 'head_masks', 'trainable_count', 'train_only_heads', 'head_sets',
+           'HeadsOnly', 'train_targeted']
 
 # %% ../nbs/10a3_targeted.ipynb #tgt05
 def _feature_dim(module: nn.Module, side: str) -> int:
@@ -83,3 +91,84 @@ def train_only_heads(model, heads: Iterable[tuple[int, int]]) -> Callable[[], No
             p.copy_(torch.where(mask, p, start))
     after_step.masks = masks
     return after_step
+
+# %% ../nbs/10a3_targeted.ipynb #tgt14
+def head_sets(circuit: dict, n_layers: int, n_heads: int, seed: int = 0) -> dict[str, list[tuple[int, int]]]:
+    """The trainable head sets of the targeted arms, from the base `circuit` (group -> heads, as `Circuit.to_dict()`):
+    circuit-AB, circuit-A, circuit-B, random (as many as circuit-AB from the whole model, drawn with `seed`),
+    same-layers (as many, from the circuit's layers outside it; absent where those layers lack room) and outside (every
+    head not in the circuit)."""
+    import random
+    a = [tuple(h) for h in circuit["value_fetcher"]]
+    b = [tuple(h) for h in circuit["pos_transmitter"]]
+    ab = sorted(set(a) | set(b))
+    inside = {tuple(h) for hs in circuit.values() for h in hs}
+    every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    rng = random.Random(f"targeted {seed}")
+    sets = {"circuit-AB": ab, "circuit-A": sorted(set(a)), "circuit-B": sorted(set(b)),
+            "random": sorted(rng.sample(every, len(ab)))}
+    room = [(l, h) for l, h in every if l in {l for l, _ in ab} and (l, h) not in inside]
+    if len(room) >= len(ab):
+        sets["same-layers"] = sorted(rng.sample(room, len(ab)))
+    sets["outside"] = [h for h in every if h not in inside]
+    return sets
+
+
+class HeadsOnly:
+    "`fine_tune(trainable=HeadsOnly(heads))`: only `heads` train (`train_only_heads`); picklable for worker processes."
+    def __init__(self, heads):
+        self.heads = [tuple(h) for h in heads]
+
+    def __call__(self, model):
+        return train_only_heads(model, self.heads)
+
+# %% ../nbs/10a3_targeted.ipynb #tgt16
+TARGETED_DIR = "targeted"
+"The targeted arms' outcomes live in `organisms/targeted/arms.csv` (no checkpoint is kept: they are regenerated)."
+TARGETED_LR = 3e-4
+"The arithmetic arm's rate in the controlled experiment (`ARM_LRS['math-full']`), used by every targeted arm."
+TARGETED_TASKS = {"math": "arithmetic", "replay": None}
+"The data of a targeted arm: the arithmetic arm's (task rows and replay) or the replay alone."
+
+
+def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[str] | None = None,
+                   tasks: Sequence[str] = tuple(TARGETED_TASKS), workers: int = 1, smoke: bool = False,
+                   downstream=None) -> pd.DataFrame:
+    """Every targeted arm (`<task>-<head set>`, e.g. `math-circuit-AB`) at every seed: the controlled experiment's
+    `_arm_job` with only the set's heads trainable (`HeadsOnly`), its replay-only control being the controlled
+    experiment's `replay-full`; rows (with `trainable`, the count of trainable entries) added to `out/arms.csv`
+    (default `organisms/targeted`), and `downstream`'s measures beside it. `smoke`: smoke sizes, 20 test prompts."""
+    from entity_circuits.circuit import need_circuit
+    from entity_circuits.controlled import _arm_job, _base_model, _merge
+    from entity_circuits.models import MANIFEST_NAME
+    from entity_circuits.organisms import FineTune, _run_jobs, recipe_from_json
+    out = Path(out) if out is not None else organisms_dir() / TARGETED_DIR
+    if smoke and out.resolve() == (organisms_dir() / TARGETED_DIR).resolve():
+        raise ValueError("smoke-sized arms do not belong beside the real ones: give another `out`.")
+    unknown = set(tasks) - set(TARGETED_TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TARGETED_TASKS)}.")
+    recipe = recipe_from_json(json.loads((organisms_dir() / MANIFEST_NAME).read_text())["recipe"])
+    if smoke:
+        recipe = dataclasses.replace(recipe, ft_steps=4, ft_eval_every=2, n_eval=12)
+    base, circuit = _base_model(), need_circuit().to_dict()
+    lay = attention_layout(base)
+    jobs, counts = [], {}
+    for seed in seeds:
+        for name, heads in head_sets(circuit, lay.n_layers, lay.n_heads, seed).items():
+            if sets is not None and name not in sets:
+                continue
+            for task in tasks:
+                arm = f"{task}-{name}"
+                counts[arm, seed] = trainable_count(head_masks(base, heads))
+                jobs.append((str(out), arm, int(seed), recipe, 20 if smoke else Config().n_test, False, "binding",
+                             TARGETED_LR, downstream, FineTune(TARGETED_TASKS[task], lora=False), "replay-full",
+                             HeadsOnly(heads)))
+    out.mkdir(parents=True, exist_ok=True)
+    done = _run_jobs(_arm_job, jobs, workers)
+    rows = [r | {"trainable": counts[r["arm"], r["seed"]]} for r, _ in done]
+    keys = ["regime", "arm", "seed"]
+    for name in sorted({n for _, m in done for n in m}):
+        _merge(out / name, [{k: r[k] for k in keys} | x for r, m in done for x in m.get(name, [])], keys,
+               ["regime", "seed", "arm"])
+    return _merge(out / "arms.csv", rows, keys, ["regime", "seed", "arm"])
