@@ -82,6 +82,23 @@ def _add_train_arms(sub) -> None:
     a.add_argument("--out", default=None, help="output directory (default: organisms/controlled)")
     a.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
 
+
+def _add_train_targeted(sub) -> None:
+    "The `train-targeted` subcommand: the targeted chapter's arms (`targeted.train_targeted`)."
+    from entity_circuits.controlled import SEEDS
+    from entity_circuits.targeted import TARGETED_TASKS
+    t = sub.add_parser("train-targeted", help="fine-tune with only chosen heads trainable (the targeted arms)",
+                       description="Fine-tune the targeted chapter's arms (the base circuit's A+B, A, B heads, random "
+                       "heads, every head outside the circuit; on the arithmetic data and on the replay alone) at every "
+                       "seed, every other weight frozen, measure accuracy and CMAP, and add the rows to "
+                       "organisms/targeted/arms.csv.")
+    t.add_argument("--sets", nargs="+", default=None, help="head sets (default: all)")
+    t.add_argument("--tasks", nargs="+", choices=list(TARGETED_TASKS), default=list(TARGETED_TASKS))
+    t.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the seeds (default: %(default)s)")
+    t.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
+    t.add_argument("--out", default=None, help="output directory (default: organisms/targeted)")
+    t.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
+
 # %% ../nbs/12_cli.ipynb #cliparse
 def build_parser() -> argparse.ArgumentParser:
     "The `entity-circuits` parser: `reproduce`, `status`, `train-organisms` and `train-arms`, and their options."
@@ -109,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_train_organisms(sub)
     _add_train_arms(sub)
+    _add_train_targeted(sub)
     return parser
 
 # %% ../nbs/12_cli.ipynb #aab3c95b
@@ -146,6 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config=Config.smoke() if args.smoke else Config())
             train_arms(args.out, args.seeds, args.arms, args.workers, args.smoke, args.regime, downstream)
         except ValueError as e:  # --smoke into the shipped arms' directory
+            parser.error(str(e))
+        return 0
+    if args.command == "train-targeted":
+        from entity_circuits.arms import ArmMeasures
+        from entity_circuits.targeted import train_targeted
+        try:
+            train_targeted(args.out, args.seeds, args.sets, args.tasks, args.workers, args.smoke,
+                           ArmMeasures.from_results(config=Config.smoke() if args.smoke else Config()))
+        except ValueError as e:  # smoke-sized arms into the real directory, an unknown task
             parser.error(str(e))
         return 0
     if args.command == "status":
