@@ -21,7 +21,7 @@ from .zoo import Config
 
 # %% auto #0
 __all__ = ['TARGETED_DIR', 'TARGETED_LR', 'TARGETED_TASKS', 'head_masks', 'trainable_count', 'train_only_heads', 'head_sets',
-           'HeadsOnly', 'train_targeted']
+           'HeadsOnly', 'train_targeted', 'targeted_effects', 'stored_targeted']
 
 # %% ../nbs/10a3_targeted.ipynb #tgt05
 def _feature_dim(module: nn.Module, side: str) -> int:
@@ -172,3 +172,39 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
         _merge(out / name, [{k: r[k] for k in keys} | x for r, m in done for x in m.get(name, [])], keys,
                ["regime", "seed", "arm"])
     return _merge(out / "arms.csv", rows, keys, ["regime", "seed", "arm"])
+
+# %% ../nbs/10a3_targeted.ipynb #tgt19
+def targeted_effects(targeted: pd.DataFrame, controlled: pd.DataFrame, n_boot: int = 2000,
+                     seed: int = 0) -> pd.DataFrame:
+    """Each targeted arm against the replay-only control (`against` 'replay-full') and against the random-heads arm of
+    its own data (`against` 'random'), by `arm_effects`; with each arm's `trainable` count."""
+    from entity_circuits.controlled import arm_effects, with_regime
+    controlled = with_regime(controlled)
+    shared = controlled[(controlled.arm == "base") | ((controlled.regime == "binding")
+                                                     & (controlled.arm == "replay-full"))]
+    t = with_regime(targeted)
+    random_of = lambda arm: arm.split("-", 1)[0] + "-random"
+    out = []
+    for against, control in (("replay-full", lambda a: "replay-full"), ("random", random_of)):
+        rows = t.assign(control=t.arm.map(control))
+        if against == "random":
+            rows = rows[rows.arm.map(random_of).isin(set(t.arm))]
+        e = arm_effects(pd.concat([shared, rows], ignore_index=True), n_boot, seed)
+        out.append(e[~e.arm.isin(["replay-full"]) | (against != "replay-full")].assign(against=against))
+    count = t.groupby("arm").trainable.first().astype(int)
+    return pd.concat(out, ignore_index=True).assign(trainable=lambda d: d.arm.map(count))
+
+
+def stored_targeted(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
+    "`targeted_effects` of the committed targeted and controlled arms, stored; None if the targeted arms were not run."
+    import hashlib
+    from entity_circuits.results import cached
+    paths = {"targeted": organisms_dir() / TARGETED_DIR / "arms.csv", "controlled": organisms_dir() / "controlled"
+             / "arms.csv"}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False).astype({"seed": int})
+    data = {k: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for k, p in paths.items()}
+    return cached("targeted_effects", lambda data, n_boot, seed: targeted_effects(
+        read(paths["targeted"]), read(paths["controlled"]), n_boot, seed), dict(data=data, n_boot=n_boot, seed=0),
+        root=root)
