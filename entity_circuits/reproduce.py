@@ -27,7 +27,7 @@ _log = logging.getLogger("entity_circuits.results")
 __all__ = ['STEPS', 'step_accuracy', 'step_table1', 'step_cross_circuit', 'step_completeness', 'EXTRA_KNOCKOUT_EDGES',
            'EXTRA_KNOCKOUT_STRIDE', 'EXTRA_MECHANISM_SITES', 'step', 'step_organisms', 'step_controlled',
            'step_circuit', 'step_dcm', 'step_cmap', 'step_knockout', 'step_mechanisms', 'step_trajectory', 'step_arms',
-           'step_extras', 'step_figures', 'root_for', 'reproduce', 'status']
+           'step_targeted', 'step_extras', 'step_figures', 'root_for', 'reproduce', 'status']
 
 # %% ../nbs/11_reproduce.ipynb #ed38f649
 STEPS: dict[str, Callable] = {}
@@ -172,6 +172,17 @@ def step_arms(zoo: Zoo, root=None) -> dict:
     from entity_circuits.arms import stored_arms_effects
     table = stored_arms_effects(root)
     return {} if table is None else {"arms_effects": table}
+
+
+@step("targeted")
+def step_targeted(zoo: Zoo, root=None) -> dict:
+    """The targeted chapter's effects: the arms that train only chosen heads, against replay-only and against random
+    heads (`targeted_effects`), from the committed outcomes of the base organism's targeted arms."""
+    if zoo.roles.get("base") != "organism-base":
+        return {}
+    from entity_circuits.targeted import stored_targeted
+    table = stored_targeted(root)
+    return {} if table is None else {"targeted_effects": table}
 
 # %% ../nbs/11_reproduce.ipynb #stepextras
 EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query label -> previous query label",
