@@ -21,7 +21,7 @@ from .zoo import Config
 
 # %% auto #0
 __all__ = ['TARGETED_DIR', 'TARGETED_LR', 'TARGETED_TASKS', 'head_masks', 'trainable_count', 'train_only_heads', 'head_sets',
-           'HeadsOnly', 'train_targeted', 'targeted_effects', 'stored_targeted']
+           'HeadsOnly', 'train_targeted', 'targeted_effects', 'stored_targeted', 'plot_targeted']
 
 # %% ../nbs/10a3_targeted.ipynb #tgt05
 def _feature_dim(module: nn.Module, side: str) -> int:
@@ -208,3 +208,30 @@ def stored_targeted(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
     return cached("targeted_effects", lambda data, n_boot, seed: targeted_effects(
         read(paths["targeted"]), read(paths["controlled"]), n_boot, seed), dict(data=data, n_boot=n_boot, seed=0),
         root=root)
+
+# %% ../nbs/10a3_targeted.ipynb #tgt21
+def plot_targeted(targeted: pd.DataFrame, controlled: pd.DataFrame, n_params: int, metric: str = "top1"):
+    """Effect against trainable parameters: each targeted arm and seed (arithmetic filled, replay alone open), its
+    `metric` minus the replay-only control's mean, at its count of trainable entries (log scale); the controlled
+    experiment's full arithmetic fine-tune at `n_params`; the replay-only control's seeds as a band around 0."""
+    import matplotlib.pyplot as plt
+    from entity_circuits.controlled import per_seed, with_regime
+    ctl = per_seed(with_regime(controlled)).query("regime in ('binding', '')")
+    ref = ctl[ctl.arm == "replay-full"][metric]
+    t = per_seed(targeted).merge(targeted[["arm", "seed", "trainable"]].astype({"seed": int}), on=["arm", "seed"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.axhspan(ref.min() - ref.mean(), ref.max() - ref.mean(), color="tab:blue", alpha=0.15, lw=0,
+               label="replay-only control, its seeds")
+    sets = list(dict.fromkeys(a.split("-", 1)[1] for a in t.arm))
+    for k, s in enumerate(sets):
+        for task, fill in (("math", None), ("replay", "white")):
+            g = t[t.arm == f"{task}-{s}"]
+            ax.plot(g.trainable.astype(float), g[metric] - ref.mean(), "o", color=f"C{k}", mfc=fill,
+                    label=f"{s} ({task})")
+    full = ctl[ctl.arm == "math-full"][metric]
+    ax.plot([n_params] * len(full), full - ref.mean(), "k^", label="math-full (every weight)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"{metric} minus replay-only")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    return fig
