@@ -190,7 +190,7 @@ def targeted_effects(targeted: pd.DataFrame, controlled: pd.DataFrame, n_boot: i
         if against == "random":
             rows = rows[rows.arm.map(random_of).isin(set(t.arm))]
         e = arm_effects(pd.concat([shared, rows], ignore_index=True), n_boot, seed)
-        out.append(e[~e.arm.isin(["replay-full"]) | (against != "replay-full")].assign(against=against))
+        out.append(e[e.arm != "replay-full"].assign(against=against))       # the control's own rows: not arms
     count = t.groupby("arm").trainable.first().astype(int)
     return pd.concat(out, ignore_index=True).assign(trainable=lambda d: d.arm.map(count))
 
