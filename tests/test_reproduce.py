@@ -15,7 +15,7 @@ from entity_circuits.models import ORGANISMS
 from entity_circuits.evaluate import ratio_ci
 from entity_circuits.cli import main
 from entity_circuits.reproduce import STEPS, reproduce, root_for
-from entity_circuits.verdict import NOT_COMPUTED, compare, judge, verdict_table
+from entity_circuits.verdict import CLAIMS, NOT_COMPUTED, compare, judge, verdict_table
 from entity_circuits.zoo import Zoo, default_models, table_name
 from entity_circuits.results import cached, result_info, results_dir
 
@@ -74,7 +74,7 @@ def _store(root, name, rows, **params):
 
 def test_verdict_follows_the_result_tables(tmp_path):
     v = verdict_table(tmp_path)
-    assert len(v) == 6 and (v.verdict == NOT_COMPUTED).all() and (v.organisms == NOT_COMPUTED).all()
+    assert len(v) == len(CLAIMS) and (v.verdict == NOT_COMPUTED).all() and (v.organisms == NOT_COMPUTED).all()
 
     def deltas(lora, full, chat):
         return [dict(model=m, role=r, value=d, ci_low=d - 0.05, ci_high=d + 0.05)
@@ -298,3 +298,23 @@ def test_extras_step_with_too_few_boxes_for_the_mechanisms(tracker, tmp_path):
     out = step_extras(Zoo([name], dataclasses.replace(Config.smoke(), box_counts=(3,))), tmp_path / "results")
     assert best_setting(out[named("accuracy_grid")])[1] == 3
     assert named("knockout") in out and named("path_patching") in out and named("mechanisms") not in out
+
+
+def test_targeted_claim_reads_the_circuit_against_random_heads(tmp_path):
+    "The targeted row: A+B heads minus random heads, top-1; its CI decides, and the replay-only effects stand beside."
+    from entity_circuits.verdict import claim_targeted
+
+    def rows(effect):
+        return [dict(against=a, arm=arm, metric="top1", trainable=10, effect=e, ci_low=e - 0.05, ci_high=e + 0.05,
+                     control=c, vs_base=0.0, vs_base_low=0.0, vs_base_high=0.0)
+                for a, arm, c, e in [("random", "math-circuit-AB", "math-random", effect),
+                                     ("replay-full", "math-circuit-AB", "replay-full", -0.1),
+                                     ("replay-full", "math-random", "replay-full", -0.2)]]
+
+    assert claim_targeted(tmp_path)["verdict"] == NOT_COMPUTED
+    for v, (effect, verdict) in enumerate([(0.2, "holds"), (-0.2, "does not hold"),
+                                           (0.0, "unclear (the interval straddles 0)")]):
+        _store(tmp_path, "targeted_effects", rows(effect), v=v)
+        row = claim_targeted(tmp_path)
+        assert row["verdict"] == verdict and "10 trainable" in row["organisms"]
+    assert {p["what"] for p in row["points"]} == {"top-1, against random heads", "top-1, against replay-only"}
