@@ -518,7 +518,7 @@ def plot_verdict(points: pd.DataFrame):
     differences."""
     import matplotlib.pyplot as plt
     whats = list(dict.fromkeys(points.what))
-    fig, axes = plt.subplots(len(whats), 1, figsize=(8, 0.7 + 0.42 * len(points)), squeeze=False,
+    fig, axes = plt.subplots(len(whats), 1, figsize=(8, 0.7 + 0.42 * len(points) + 0.3 * len(whats)), squeeze=False,
                              gridspec_kw=dict(height_ratios=[(points.what == w).sum() for w in whats]))
     for ax, what in zip(axes[:, 0], whats):
         t = points[points.what == what].reset_index(drop=True)
@@ -532,7 +532,7 @@ def plot_verdict(points: pd.DataFrame):
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(range(len(t)), [f"{a} (vs {c})" for a, c in zip(t.arm, t.control)], fontsize=8)
         ax.set_ylim(len(t) - 0.5, -0.5)
-        ax.set_title(f"{t.claim.iloc[0]}: {what} - {t.verdict.iloc[0]}", fontsize=8, loc="left")
+        ax.set_title(textwrap.fill(f"{t.claim.iloc[0]} ({what}): {t.verdict.iloc[0]}", 95), fontsize=7.5, loc="left")
     handles = {l: h for ax in axes[:, 0] for h, l in zip(*ax.get_legend_handles_labels())}
     axes[0, 0].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
     axes[-1, 0].set_xlabel("difference")
