@@ -13,18 +13,18 @@ import pandas as pd
 
 from .circuit import ablated_predictions, head_means, need_circuit
 from .cmap import cmap_configs, cmap_predictions
-from .controlled import ARMS, ARMS_DIR, CONTROL_OF, _bits, _boot_means, _counts, arms_table, with_regime
+from .controlled import (ARMS, CONTROL_OF, _bits, _boot_means, _counts, arms_file, arms_table,
+                                       read_outcomes, test_prompts, with_regime)
 from .data import make_desiderata
 from .dcm import FIG3_SEED, cmap_heads, encode_pairs, fig3_predictions, selected_heads
 from .groups import Circuit
 from .mechanisms import (MECHANISMS, MIXING_SEED, _pairs_for, mechanism_probs, mechanism_shares,
                                         mechanism_site, mixing_patch, snapshot_measures)
-from .models import organisms_dir
 from .results import load_result
-from .zoo import Config, Zoo
+from .zoo import Config, predictions
 
 # %% auto #0
-__all__ = ['TRAJECTORY_ARMS', 'DERIVED', 'ArmMeasures', 'mechanism_outcomes', 'measure_arm', 'downstream_effects', 'arms_file',
+__all__ = ['TRAJECTORY_ARMS', 'DERIVED', 'ArmMeasures', 'mechanism_outcomes', 'measure_arm', 'downstream_effects',
            'stored_arms_effects', 'arm_trajectories', 'downstream_table', 'downstream_per_seed', 'effect_lines']
 
 # %% ../nbs/10a2_arms.ipynb #arm05
@@ -63,7 +63,7 @@ class ArmMeasures:
         "`measure_arm` of `model` (`downstream.csv`) and `snapshot_measures` of every snapshot (`trajectories.csv`)."
         out = {"downstream.csv": measure_arm(model, tokenizer, base, self, full=regime == "binding")}
         if snapshots:
-            examples = Zoo(["organism-base"], Config()).test_prompts(self.n_trajectory)
+            examples = test_prompts(self.n_trajectory)
             pairs = _pairs_for(tokenizer, self.n_trajectory, 7, MIXING_SEED)
             circuit = Circuit.from_dict(self.circuit)
             out["trajectories.csv"] = [dict(step=step, **r) for step, snap in sorted(snapshots.items())
@@ -98,10 +98,8 @@ def measure_arm(model, tokenizer, base, probe: ArmMeasures, full: bool = True) -
     group into `base` (`cmap <group>`), on `probe.n` test prompts; with `full`, also the base circuit alone under
     both protocols (`circuit ablate`, `circuit keep`), Fig. 3's DCM heads within the model read as top-1 and among
     the pair's objects (`dcm <group> <desideratum> top1|among`; `group <group> position ...`: every head of the group,
-    read on position), and the mechanism (`p <mechanism>`, `p unnamed` per
-    pair at the model's `site`)."""
-    from entity_circuits.zoo import predictions
-    examples = Zoo(["organism-base"], Config()).test_prompts(probe.n)
+    read on position), and the mechanism (`p <mechanism>`, `p unnamed` per pair at the model's `site`)."""
+    examples = test_prompts(probe.n)
     rows = [dict(measure="full top1", values=_bits(predictions(model, tokenizer, examples, progress=False)))]
     configs = [c for c in cmap_configs(probe.cmap_heads) if c.n_heads]
     patched = cmap_predictions(base, model, tokenizer, examples, [(c.heads_by_group, c.patch) for c in configs],
@@ -131,13 +129,17 @@ DERIVED = {"faithfulness ablate": (("circuit ablate", "full top1"), np.divide),
 "Measures computed from two others inside every bootstrap draw: name -> ((numerator or minuend, other), function)."
 
 
+def _parse(values: str) -> list[float]:
+    "One model's outcomes of one measure as written: a 0/1 string, or space-separated probabilities."
+    return [float(x) for x in values.split()] if "." in values else [float(c == "1") for c in values]
+
+
 def _outcomes(rows: pd.DataFrame, measure: str) -> np.ndarray:
-    "seeds x prompts of `measure` in `rows` (one model's seeds): 0/1 strings or space-separated probabilities."
+    "seeds x prompts of `measure` in `rows` (one model's seeds)."
     values = rows[rows.measure == measure].sort_values("seed")["values"].astype(str)
     if values.empty:
         raise KeyError(f"no measure {measure!r} in these rows")
-    parse = (lambda s: [float(x) for x in s.split()]) if "." in values.iloc[0] else (lambda s: [c == "1" for c in s])
-    return np.array([parse(s) for s in values], dtype=float)
+    return np.array([_parse(s) for s in values], dtype=float)
 
 
 def _draws(rows: pd.DataFrame, measure: str, taken: np.ndarray, rng: np.random.Generator) -> tuple[float, np.ndarray]:
@@ -182,11 +184,6 @@ def downstream_effects(downstream: pd.DataFrame, n_boot: int = 2000, seed: int =
     return pd.DataFrame(out).assign(n_boot=n_boot)
 
 # %% ../nbs/10a2_arms.ipynb #arm12
-def arms_file(name: str) -> Path:
-    "A committed file of the controlled experiment (`downstream.csv`, `trajectories.csv`, `arms.csv`)."
-    return organisms_dir() / ARMS_DIR / name
-
-
 def stored_arms_effects(root=None, path: str | Path | None = None, n_boot: int = 2000) -> pd.DataFrame | None:
     "`arms_effects`: `downstream_effects` of the committed measures, stored; None if the arms were not measured."
     from entity_circuits.controlled import stored_from_file
@@ -204,17 +201,15 @@ def arm_trajectories(path: str | Path | None = None) -> dict[str, pd.DataFrame]:
 def downstream_table(path: str | Path | None = None) -> pd.DataFrame | None:
     "The committed per-prompt measures (`downstream.csv`), or None if the arms were not measured."
     path = Path(path) if path is not None else arms_file("downstream.csv")
-    if not path.exists():
-        return None
-    return pd.read_csv(path, dtype=str, keep_default_na=False).astype({"seed": int})
+    return read_outcomes(path) if path.exists() else None
 
 
 def downstream_per_seed(downstream: pd.DataFrame) -> pd.DataFrame:
     """One row per regime, arm and seed; a column per measure (its mean over prompts or pairs; `mechanism site` as is),
     and the `DERIVED` ones."""
-    mean = lambda s: float(s) if s.isdigit() and len(s) < 3 else float(np.mean(_outcomes(
-        pd.DataFrame(dict(measure=["m"], seed=[0], values=[s])), "m")))
-    t = downstream.assign(value=downstream["values"].map(mean))
+    site = downstream.measure == "mechanism site"
+    t = downstream.assign(value=[float(s) if at else float(np.mean(_parse(s)))
+                                 for s, at in zip(downstream["values"], site)])
     t = t.pivot_table(index=["regime", "arm", "seed"], columns="measure", values="value", sort=False).reset_index()
     for name, ((a, b), fn) in DERIVED.items():                  # the derived measures, of the seed's means
         if a in t and b in t:

@@ -66,7 +66,7 @@ def _add_status(sub) -> None:
 
 def _add_train_arms(sub) -> None:
     "The `train-arms` subcommand: the controlled experiment's arms (`controlled.train_arms`)."
-    from entity_circuits.controlled import ARMS, REGIMES, SEEDS
+    from entity_circuits.controlled import ARMS, REGIMES
     a = sub.add_parser("train-arms", help="fine-tune the controlled experiment's arms (every arm, every seed)",
                        description="Fine-tune every arm of the controlled experiment from the shipped base at every "
                        "seed under one replay regime, evaluate each and measure it as the arms chapter does "
@@ -77,15 +77,20 @@ def _add_train_arms(sub) -> None:
     a.add_argument("--no-measures", action="store_true",
                    help="boxes outcomes and skills only (no circuit, CMAP, DCM or mechanism measures)")
     a.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the arms (default: all)")
-    a.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the seeds (default: %(default)s)")
-    a.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
-    a.add_argument("--out", default=None, help="output directory (default: organisms/controlled)")
-    a.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
+    _add_training_options(a, "organisms/controlled")
+
+
+def _add_training_options(p, out: str) -> None:
+    "The options every arms-training subcommand shares: seeds, workers, output directory, smoke size."
+    from entity_circuits.controlled import SEEDS
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the seeds (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
+    p.add_argument("--out", default=None, help=f"output directory (default: {out})")
+    p.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
 
 
 def _add_train_targeted(sub) -> None:
     "The `train-targeted` subcommand: the targeted chapter's arms (`targeted.train_targeted`)."
-    from entity_circuits.controlled import SEEDS
     from entity_circuits.targeted import TARGETED_TASKS
     t = sub.add_parser("train-targeted", help="fine-tune with only chosen heads trainable (the targeted arms)",
                        description="Fine-tune the targeted chapter's arms (the base circuit's A+B, A, B heads, random "
@@ -94,10 +99,7 @@ def _add_train_targeted(sub) -> None:
                        "organisms/targeted/arms.csv.")
     t.add_argument("--sets", nargs="+", default=None, help="head sets (default: all)")
     t.add_argument("--tasks", nargs="+", choices=list(TARGETED_TASKS), default=list(TARGETED_TASKS))
-    t.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the seeds (default: %(default)s)")
-    t.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
-    t.add_argument("--out", default=None, help="output directory (default: organisms/targeted)")
-    t.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
+    _add_training_options(t, "organisms/targeted")
 
 # %% ../nbs/12_cli.ipynb #cliparse
 def build_parser() -> argparse.ArgumentParser:

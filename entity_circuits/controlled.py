@@ -24,9 +24,10 @@ from .organisms import (RETAINED_FORMATS, FineTune, OrganismRecipe, _run_jobs, _
 from .zoo import Config, Zoo, context_choice
 
 # %% auto #0
-__all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'REGIMES', 'ARMS_DIR', 'RULE_ARMS', 'METRICS', 'OUTSIDE_TARGET',
-           'answer_outcomes', 'regime_lrs', 'train_arms', 'with_regime', 'arm_effects', 'arms_table',
-           'stored_from_file', 'stored_controlled', 'per_seed', 'plot_effects', 'findings']
+__all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'REGIMES', 'ARMS_DIR', 'RULE_ARMS', 'OUTCOME_KEYS', 'METRICS',
+           'OUTSIDE_TARGET', 'answer_outcomes', 'arms_file', 'read_outcomes', 'test_prompts', 'arm_recipe',
+           'regime_lrs', 'save_outcomes', 'train_arms', 'with_regime', 'arm_effects', 'arms_table', 'stored_from_file',
+           'stored_controlled', 'per_seed', 'plot_effects', 'findings']
 
 # %% ../nbs/05a_controlled.ipynb #ctl05
 ARMS = {
@@ -75,9 +76,30 @@ def _bits(x) -> str:
     return "".join("1" if v else "0" for v in x)
 
 
+def arms_file(name: str, folder: str = ARMS_DIR) -> Path:
+    "A committed file of the controlled experiment (`arms.csv`, `downstream.csv`, ...; `folder`: the targeted arms')."
+    return organisms_dir() / folder / name
+
+
+def read_outcomes(path: Path) -> pd.DataFrame:
+    "A committed outcomes table as written (`save_outcomes`): every column a string, `seed` an integer."
+    return pd.read_csv(path, dtype=str, keep_default_na=False).astype({"seed": int})
+
+
 def _base_model():
     from transformers import LlamaForCausalLM
     return LlamaForCausalLM.from_pretrained(organisms_dir() / "base").eval()
+
+
+def test_prompts(n: int) -> list:
+    "The accuracy chapter's first `n` test prompts, as the zoo of the base organism defines them."
+    return Zoo(["organism-base"], Config()).test_prompts(n)
+
+
+def arm_recipe(smoke: bool = False) -> OrganismRecipe:
+    "The shipped organisms' recipe (their manifest's), or the same at smoke size: what every arm fine-tunes with."
+    recipe = recipe_from_json(json.loads((organisms_dir() / MANIFEST_NAME).read_text())["recipe"])
+    return dataclasses.replace(recipe, ft_steps=4, ft_eval_every=2, n_eval=12) if smoke else recipe
 
 
 def _arm_job(out: str, arm: str, seed: int, recipe: OrganismRecipe, n_test: int, keep: bool, regime: str = "binding",
@@ -99,7 +121,7 @@ def _arm_job(out: str, arm: str, seed: int, recipe: OrganismRecipe, n_test: int,
     wall = round(time.time() - t, 1)
     if keep:
         _save(model, Path(out) / arm)
-    outcomes = answer_outcomes(model, tokenizer, Zoo(["organism-base"], Config()).test_prompts(n_test))
+    outcomes = answer_outcomes(model, tokenizer, test_prompts(n_test))
     skills = evaluate_organism(model, tokenizer, recipe)
     row = {"regime": regime, "arm": arm, "seed": seed, "lr": lr, "lora": design.lora, "task": design.task or "",
            "control": control, "wall_seconds": wall, "n": n_test,
@@ -137,7 +159,7 @@ def regime_lrs(regime: str, recipe: OrganismRecipe, out: Path, workers: int = 1)
         jobs = [(arm, float(lr), recipe, regime) for lora, arm in RULE_ARMS.items()
                 for lr in (recipe.ft_lora_lrs if lora else recipe.ft_lrs)]
         new = pd.DataFrame(_run_jobs(_candidate_job, jobs, workers))
-        base = {k: v for k, v in evaluate_organism(_base_model(), organism_tokenizer(), recipe).items()}
+        base = evaluate_organism(_base_model(), organism_tokenizer(), recipe)
         new["chosen"] = False
         for arm in RULE_ARMS.values():
             rows = new[new.arm == arm]
@@ -156,11 +178,23 @@ def _merge(path: Path, rows: list[dict], keys: list[str], sort: list[str]) -> pd
         if "regime" not in old:                       # arms trained before the second regime: the main one
             old.insert(0, "regime", ["" if a == "base" else "binding" for a in old.arm])
         key = lambda t: pd.MultiIndex.from_frame(t[keys].astype(str))
-        new = pd.concat([old[~key(old).isin(key(new))], new.astype({k: str for k in new if k not in keys})
-                         .astype({k: str for k in keys})], ignore_index=True)
+        new = pd.concat([old[~key(old).isin(key(new))], new.astype(str)], ignore_index=True)
     new = new.astype({"seed": int}).sort_values(sort, ignore_index=True, kind="stable")
     new.to_csv(path, index=False, float_format="%.5g")
     return new
+
+
+OUTCOME_KEYS = ["regime", "arm", "seed"]
+"What names a row of the arms' tables: `arms.csv` and every table a `downstream` adds beside it."
+
+
+def save_outcomes(out: Path, done: Sequence[tuple[dict, dict]]) -> pd.DataFrame:
+    """`_arm_job` results `(row, measured)` added to `out/arms.csv` and, under the same keys, each measured table to
+    `out/<its csv name>` (`_merge`); the whole `arms.csv`."""
+    for name in sorted({n for _, m in done for n in m}):
+        _merge(out / name, [{k: r[k] for k in OUTCOME_KEYS} | x for r, m in done for x in m.get(name, [])],
+               OUTCOME_KEYS, ["regime", "seed", "arm"])
+    return _merge(out / "arms.csv", [r for r, _ in done], OUTCOME_KEYS, ["regime", "seed", "arm"])
 
 
 def train_arms(out: str | Path | None = None, seeds: Sequence[int] = SEEDS, arms: Sequence[str] = tuple(ARMS),
@@ -175,37 +209,26 @@ def train_arms(out: str | Path | None = None, seeds: Sequence[int] = SEEDS, arms
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; the arms are {list(ARMS)}.")
-    out = Path(out) if out is not None else organisms_dir() / ARMS_DIR
-    if smoke and out.resolve() == (organisms_dir() / ARMS_DIR).resolve():
+    out = Path(out) if out is not None else arms_file("")
+    if smoke and out.resolve() == arms_file("").resolve():
         raise ValueError("--smoke needs another --out: smoke-sized arms do not belong beside the shipped ones.")
-    manifest = json.loads((organisms_dir() / MANIFEST_NAME).read_text())
-    recipe = recipe_from_json(manifest["recipe"])
-    if smoke:
-        recipe = dataclasses.replace(recipe, ft_steps=4, ft_eval_every=2, n_eval=12)
-    n_test = 20 if smoke else Config().n_test
+    recipe, n_test = arm_recipe(smoke), 20 if smoke else Config().n_test
     out.mkdir(parents=True, exist_ok=True)
     lrs = regime_lrs(regime, recipe, out, workers)
     jobs = [(str(out), a, int(s), recipe, n_test, s == seeds[0] and regime == "binding", regime, lrs[a], downstream)
             for s in seeds for a in arms]
     done = _run_jobs(_arm_job, jobs, workers)
-    rows, measured = [r for r, _ in done], [(r, m) for r, m in done]
     path = out / "arms.csv"
     old = pd.read_csv(path, dtype=str) if path.exists() else pd.DataFrame(columns=["arm"])
     if not (old.arm == "base").any() or (downstream is not None and not (out / "downstream.csv").exists()):
         base, tok = _base_model(), organism_tokenizer()
-        o = answer_outcomes(base, tok, Zoo(["organism-base"], Config()).test_prompts(n_test))
+        o = answer_outcomes(base, tok, test_prompts(n_test))
         skills = evaluate_organism(base, tok, recipe)
         row = {"regime": "", "arm": "base", "seed": -1, "lr": 0.0, "lora": False, "task": "", "control": "",
                "n": n_test, "wall_seconds": 0.0, **{m: _bits(o[m]) for m in o.columns},
                **{k: v for k, v in skills.items() if k != "boxes_outcomes"}}
-        rows.insert(0, row)
-        if downstream is not None:
-            measured.insert(0, (row, downstream.measure(base, tok, base, "binding", {})))
-    keys = ["regime", "arm", "seed"]
-    for name in sorted({n for _, m in measured for n in m}):
-        _merge(out / name, [{k: r[k] for k in keys} | x for r, m in measured for x in m.get(name, [])], keys,
-               ["regime", "seed", "arm"])
-    new = _merge(path, rows, keys, ["regime", "seed", "arm"])
+        done.insert(0, (row, {} if downstream is None else downstream.measure(base, tok, base, "binding", {})))
+    new = save_outcomes(out, done)
     write_manifest(out, seeds=sorted(int(s) for s in new.seed.unique() if int(s) >= 0), lrs=ARM_LRS)
     return new
 
@@ -281,29 +304,31 @@ def arm_effects(arms: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.Dat
 # %% ../nbs/05a_controlled.ipynb #ctl19
 def arms_table(path: str | Path | None = None) -> pd.DataFrame | None:
     "The committed `arms.csv` (outcome strings kept as strings), or None if the arms were not trained."
-    path = Path(path) if path is not None else organisms_dir() / ARMS_DIR / "arms.csv"
+    path = Path(path) if path is not None else arms_file("arms.csv")
     if not path.exists():
         return None
     return pd.read_csv(path, dtype={m: str for m in ("top1", "restricted", "in_context", "exposed")})
 
 
-def stored_from_file(name: str, path: Path, effects, root=None, n_boot: int = 2000, version: int = 1):
-    """The table `name`: `effects(table read from path, n_boot, seed=0)` through the store, keyed by the sha256 of the
-    committed file at `path` (retrain an arm and the table is stale); None if the file does not exist."""
+def stored_from_file(name: str, path, effects, root=None, n_boot: int = 2000, version: int = 1):
+    """The table `name`: `effects(*tables read from path, n_boot, seed=0)` through the store, keyed by the sha256 of
+    the committed file at `path` (retrain an arm and the table is stale), or of each file of a dict `{label: path}`;
+    None if a file does not exist."""
     import hashlib
     from entity_circuits.results import cached
-    if not path.exists():
+    paths = path if isinstance(path, dict) else {None: path}
+    if not all(p.exists() for p in paths.values()):
         return None
-    data = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    return cached(name, lambda data, n_boot, seed: effects(pd.read_csv(path, dtype=str, keep_default_na=False)
-                                                           .astype({"seed": int}), n_boot, seed),
-                  dict(data=data, n_boot=n_boot, seed=0), root=root, version=version)
+    shas = {k: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for k, p in paths.items()}
+    return cached(name, lambda data, n_boot, seed: effects(*map(read_outcomes, paths.values()), n_boot, seed),
+                  dict(data=shas if isinstance(path, dict) else shas[None], n_boot=n_boot, seed=0), root=root,
+                  version=version)
 
 
 def stored_controlled(root=None, path: str | Path | None = None, n_boot: int = 2000) -> pd.DataFrame | None:
     """`controlled_effects`: `arm_effects` of the committed arms, stored; None if the arms were not trained. Version 2:
     a row per regime (the second replay regime)."""
-    path = Path(path) if path is not None else organisms_dir() / ARMS_DIR / "arms.csv"
+    path = Path(path) if path is not None else arms_file("arms.csv")
     return stored_from_file("controlled_effects", path, arm_effects, root, n_boot, version=2)
 
 # %% ../nbs/05a_controlled.ipynb #ctl21

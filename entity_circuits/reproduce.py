@@ -55,15 +55,20 @@ def step_organisms(zoo: Zoo, root=None) -> dict:
 step_accuracy = step("accuracy")(stored_accuracy)
 
 
+def _of_organism_arms(zoo: Zoo, name: str, stored: Callable) -> dict:
+    "`{name: stored()}` for a zoo whose base is the base organism (the arms fine-tune it) and a committed table; else {}."
+    if zoo.roles.get("base") != "organism-base":
+        return {}
+    table = stored()
+    return {} if table is None else {name: table}
+
+
 @step("controlled")
 def step_controlled(zoo: Zoo, root=None) -> dict:
     """The controlled experiment's effects, arm minus replay-only (`controlled_effects`), from the committed arms of the
     base organism."""
-    if zoo.roles.get("base") != "organism-base":      # the arms are fine-tunes of the base organism
-        return {}
     from entity_circuits.controlled import stored_controlled
-    table = stored_controlled(root)
-    return {} if table is None else {"controlled_effects": table}
+    return _of_organism_arms(zoo, "controlled_effects", lambda: stored_controlled(root))
 
 # %% ../nbs/11_reproduce.ipynb #5fb59197
 @step("circuit")
@@ -167,22 +172,16 @@ def step_trajectory(zoo: Zoo, root=None) -> dict:
 def step_arms(zoo: Zoo, root=None) -> dict:
     """The arms chapter's effects: the controlled experiment's arms measured as the fine-tunes are (circuit, CMAP, DCM,
     mechanism), arm minus replay-only (`arms_effects`), from the committed measures of the base organism's arms."""
-    if zoo.roles.get("base") != "organism-base":      # the arms are fine-tunes of the base organism
-        return {}
     from entity_circuits.arms import stored_arms_effects
-    table = stored_arms_effects(root)
-    return {} if table is None else {"arms_effects": table}
+    return _of_organism_arms(zoo, "arms_effects", lambda: stored_arms_effects(root))
 
 
 @step("targeted")
 def step_targeted(zoo: Zoo, root=None) -> dict:
     """The targeted chapter's effects: the arms that train only chosen heads, against replay-only and against random
     heads (`targeted_effects`), from the committed outcomes of the base organism's targeted arms."""
-    if zoo.roles.get("base") != "organism-base":
-        return {}
     from entity_circuits.targeted import stored_targeted
-    table = stored_targeted(root)
-    return {} if table is None else {"targeted_effects": table}
+    return _of_organism_arms(zoo, "targeted_effects", lambda: stored_targeted(root))
 
 # %% ../nbs/11_reproduce.ipynb #stepextras
 EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query label -> previous query label",

@@ -5,8 +5,6 @@
 # %% ../nbs/10a3_targeted.ipynb #tgt02
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -15,7 +13,6 @@ import torch
 from torch import nn
 
 from .controlled import SEEDS
-from .models import organisms_dir
 from .tracing import attention_layout, get_module
 from .zoo import Config
 
@@ -139,19 +136,15 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
     experiment's `replay-full`; rows (with `trainable`, the count of trainable entries) added to `out/arms.csv`
     (default `organisms/targeted`), and `downstream`'s measures beside it. `smoke`: smoke sizes, 20 test prompts."""
     from entity_circuits.circuit import need_circuit
-    from entity_circuits.controlled import _arm_job, _base_model, _merge
-    from entity_circuits.models import MANIFEST_NAME
-    from entity_circuits.organisms import FineTune, _run_jobs, recipe_from_json
-    out = Path(out) if out is not None else organisms_dir() / TARGETED_DIR
-    if smoke and out.resolve() == (organisms_dir() / TARGETED_DIR).resolve():
+    from entity_circuits.controlled import _arm_job, _base_model, arm_recipe, arms_file, save_outcomes
+    from entity_circuits.organisms import FineTune, _run_jobs
+    out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
+    if smoke and out.resolve() == arms_file("", TARGETED_DIR).resolve():
         raise ValueError("smoke-sized arms do not belong beside the real ones: give another `out`.")
     unknown = set(tasks) - set(TARGETED_TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TARGETED_TASKS)}.")
-    recipe = recipe_from_json(json.loads((organisms_dir() / MANIFEST_NAME).read_text())["recipe"])
-    if smoke:
-        recipe = dataclasses.replace(recipe, ft_steps=4, ft_eval_every=2, n_eval=12)
-    base, circuit = _base_model(), need_circuit().to_dict()
+    recipe, base, circuit = arm_recipe(smoke), _base_model(), need_circuit().to_dict()
     lay = attention_layout(base)
     jobs, counts = [], {}
     for seed in seeds:
@@ -166,12 +159,7 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
                              HeadsOnly(heads)))
     out.mkdir(parents=True, exist_ok=True)
     done = _run_jobs(_arm_job, jobs, workers)
-    rows = [r | {"trainable": counts[r["arm"], r["seed"]]} for r, _ in done]
-    keys = ["regime", "arm", "seed"]
-    for name in sorted({n for _, m in done for n in m}):
-        _merge(out / name, [{k: r[k] for k in keys} | x for r, m in done for x in m.get(name, [])], keys,
-               ["regime", "seed", "arm"])
-    return _merge(out / "arms.csv", rows, keys, ["regime", "seed", "arm"])
+    return save_outcomes(out, [(r | {"trainable": counts[r["arm"], r["seed"]]}, m) for r, m in done])
 
 # %% ../nbs/10a3_targeted.ipynb #tgt19
 def targeted_effects(targeted: pd.DataFrame, controlled: pd.DataFrame, n_boot: int = 2000,
@@ -197,17 +185,9 @@ def targeted_effects(targeted: pd.DataFrame, controlled: pd.DataFrame, n_boot: i
 
 def stored_targeted(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
     "`targeted_effects` of the committed targeted and controlled arms, stored; None if the targeted arms were not run."
-    import hashlib
-    from entity_circuits.results import cached
-    paths = {"targeted": organisms_dir() / TARGETED_DIR / "arms.csv", "controlled": organisms_dir() / "controlled"
-             / "arms.csv"}
-    if not all(p.exists() for p in paths.values()):
-        return None
-    read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False).astype({"seed": int})
-    data = {k: "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest() for k, p in paths.items()}
-    return cached("targeted_effects", lambda data, n_boot, seed: targeted_effects(
-        read(paths["targeted"]), read(paths["controlled"]), n_boot, seed), dict(data=data, n_boot=n_boot, seed=0),
-        root=root)
+    from entity_circuits.controlled import arms_file, stored_from_file
+    return stored_from_file("targeted_effects", {"targeted": arms_file("arms.csv", TARGETED_DIR),
+                                                 "controlled": arms_file("arms.csv")}, targeted_effects, root, n_boot)
 
 # %% ../nbs/10a3_targeted.ipynb #tgt21
 def plot_targeted(targeted: pd.DataFrame, controlled: pd.DataFrame, n_params: int, metric: str = "top1"):
