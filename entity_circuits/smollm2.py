@@ -15,7 +15,7 @@ from .data import sample_usable
 from .evaluate import bootstrap_ci, predictions
 from .groups import Circuit
 from .results import cached
-from .zoo import SMOLLM2, TEST_SEED, table_name
+from .zoo import DISCOVERY_SEED, SELECTION_SEED, SMOLLM2, TEST_SEED, table_name
 
 # %% auto #0
 __all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'EXTRA_DCM_BATCH', 'template_prefix', 'accuracy_grid', 'tracking', 'best_setting',
@@ -44,7 +44,7 @@ def template_prefix(tokenizer, template: str, instruction: str = CHAT_INSTRUCTIO
 
 # %% ../nbs/10c_smollm2.ipynb #694ec42c
 def accuracy_grid(model, tokenizer, box_counts: Sequence[int] = (2, 3, 4, 5, 6, 7), n: int = 150,
-                  seed: int = TEST_SEED, templates: Sequence[str] = TEMPLATES, batch_size: int = 50,
+                  seed: int = SELECTION_SEED, templates: Sequence[str] = TEMPLATES, batch_size: int = 50,
                   progress: bool = True, instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
     """Top-1 and restricted accuracy (bootstrap 95% CIs) for each template and box count, on the same `n` seeded
     prompts per box count; `chance` is 1/k for the restricted rows (none for top-1)."""
@@ -84,7 +84,7 @@ def stored_accuracy_grid(name: str = SMOLLM2, root=None, n: int = 150,
                          box_counts: Sequence[int] = (2, 3, 4, 5, 6, 7)) -> pd.DataFrame:
     "`accuracy_grid` of model `name`, from the results store (computed if missing or stale)."
     from entity_circuits.models import load_model
-    params = dict(n=n, box_counts=list(box_counts), seed=TEST_SEED, templates=list(TEMPLATES),
+    params = dict(n=n, box_counts=list(box_counts), seed=SELECTION_SEED, templates=list(TEMPLATES),
                   instruction=CHAT_INSTRUCTION)
     return cached(table_name("accuracy_grid", name),
                   lambda **kw: accuracy_grid(*load_model(name), progress=False, **kw), params, [name], root)
@@ -110,7 +110,7 @@ def plot_accuracy_grid(grid: pd.DataFrame, title: str = SMOLLM2):
     return fig
 
 # %% ../nbs/10c_smollm2.ipynb #251e77c8
-def circuit_scores(model, tokenizer, template: str, n_boxes: int, n: int = 50, seed: int = TEST_SEED,
+def circuit_scores(model, tokenizer, template: str, n_boxes: int, n: int = 50, seed: int = DISCOVERY_SEED,
                    batch_size: int = 50, instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
     """Path patching (the engine; `discover_circuit`) of the four groups on `n` prompts the model answers correctly
     under `template` (`discovery_prompts`, from 40n candidates), and attribution patching of every head at each
@@ -147,7 +147,7 @@ def attribution_agreement(table: pd.DataFrame) -> pd.DataFrame:
 def stored_circuit_scores(name: str, template: str, n_boxes: int, root=None, n: int = 50) -> pd.DataFrame:
     "`circuit_scores` of model `name` at `template` and `n_boxes`, from the results store."
     from entity_circuits.models import load_model
-    params = dict(template=template, n_boxes=n_boxes, n=n, seed=TEST_SEED, instruction=CHAT_INSTRUCTION)
+    params = dict(template=template, n_boxes=n_boxes, n=n, seed=DISCOVERY_SEED, instruction=CHAT_INSTRUCTION)
     return cached(table_name("path_patching", name), lambda **kw: circuit_scores(*load_model(name), **kw), params,
                   [name], root)
 
@@ -172,7 +172,7 @@ def circuit_faithfulness(model, tokenizer, circuit: Circuit, template: str, n_bo
 
 
 def circuit_minimality(model, tokenizer, circuit: Circuit, template: str, n_boxes: int, n: int = 100,
-                       seed: int = TEST_SEED, n_means: int = 200, max_k: int = 0,
+                       seed: int = DISCOVERY_SEED, n_means: int = 200, max_k: int = 0,
                        instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
     """`minimality_table` of `circuit` (context `keep`, as the organisms') by restricted accuracy on `n` prompts,
     heads averaged over `n_means` others, growing K up to `max_k` heads."""
@@ -186,11 +186,12 @@ def circuit_minimality(model, tokenizer, circuit: Circuit, template: str, n_boxe
 def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfulness: int = 200,
                           n_minimality: int = 100, n_random: int = 5) -> dict[str, pd.DataFrame]:
     """Faithfulness and minimality of the circuit in `table` (a `circuit_scores` table: its template, box count and
-    kept heads), from the results store as `table_name("faithfulness", name)` and `table_name("minimality", name)`."""
+    kept heads), from the results store as `table_name("faithfulness", name)` and `table_name("minimality", name)`.
+    Faithfulness is an evaluation (the test prompts, `TEST_SEED`); minimality prunes the circuit, part of finding it
+    (the discovery prompts, `DISCOVERY_SEED`, as the organisms')."""
     from entity_circuits.models import load_model
     circuit, template, n_boxes = kept_circuit(table), str(table.template.iloc[0]), int(table.n_boxes.iloc[0])
-    common = dict(circuit=circuit.to_dict(), template=template, n_boxes=n_boxes, seed=TEST_SEED,
-                  instruction=CHAT_INSTRUCTION)
+    common = dict(circuit=circuit.to_dict(), template=template, n_boxes=n_boxes, instruction=CHAT_INSTRUCTION)
 
     def faithfulness(circuit, **kw):
         return circuit_faithfulness(*load_model(name), Circuit.from_dict(circuit), **kw)
@@ -199,8 +200,9 @@ def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfuln
         return circuit_minimality(*load_model(name), Circuit.from_dict(circuit), **kw)
 
     faith, mini = table_name("faithfulness", name), table_name("minimality", name)
-    return {faith: cached(faith, faithfulness, dict(common, n=n_faithfulness, n_random=n_random), [name], root),
-            mini: cached(mini, minimality, dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0), [name], root)}
+    return {faith: cached(faith, faithfulness, dict(common, n=n_faithfulness, n_random=n_random, seed=TEST_SEED), [name], root),
+            mini: cached(mini, minimality, dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0,
+                                                      seed=DISCOVERY_SEED), [name], root)}
 
 # %% ../nbs/10c_smollm2.ipynb #f2ea16e3
 EXTRA_DCM_BATCH = 8

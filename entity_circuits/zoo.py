@@ -19,8 +19,8 @@ from .data import BoxesExample, _as_list, encode, sample_boxes, usable_labels, u
 from .models import ORGANISMS, REGISTRY, get_spec, gguf_path, load_model, progress_disabled
 
 # %% auto #0
-__all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'DISCOVERY_SEED', 'role_of', 'smollm2_available', 'default_models', 'model_folder',
-           'table_name', 'Config', 'Zoo', 'context_choice', 'predictions']
+__all__ = ['ROLES', 'SMOLLM2', 'TEST_SEED', 'DISCOVERY_SEED', 'SELECTION_SEED', 'role_of', 'smollm2_available', 'default_models',
+           'model_folder', 'table_name', 'Config', 'Zoo', 'context_choice', 'predictions']
 
 # %% ../nbs/04b_zoo.ipynb #42be846f
 ROLES = {"LLaMA-7B": "base", "Vicuna-7B": "chat", "Goat-7B": "math-lora", "FLoat-7B": "math-full"}
@@ -61,6 +61,9 @@ TEST_SEED = 0
 DISCOVERY_SEED = 1000
 """Seed of the prompts that find a circuit (path patching's candidates, minimality): never the test prompts', so a
 circuit is evaluated on prompts it was not found on."""
+SELECTION_SEED = 2000
+"""Seed of the prompts that choose where an extra model is studied (the SmolLM2 chapter's accuracy grid picks its
+template and box count): neither the discovery prompts nor the test prompts, so no choice is judged on its own data."""
 
 # %% ../nbs/04b_zoo.ipynb #243bda95
 @dataclass(frozen=True)
