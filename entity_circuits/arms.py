@@ -152,9 +152,11 @@ def _draws(rows: pd.DataFrame, measure: str, taken: np.ndarray, rng: np.random.G
     return (float(fn(*point)), fn(*draws)) if fn else (float(point[0]), draws[0])
 
 
-def downstream_effects(downstream: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def downstream_effects(downstream: pd.DataFrame, n_boot: int = 2000, seed: int = 0,
+                       control_of: dict | None = None) -> pd.DataFrame:
     """Per regime, model (the base, every arm) and measure: the value with its 95% interval; for an arm also its
-    control's (same regime) and the base's value, arm - control and arm - base with paired intervals."""
+    control's (same regime; `control_of`, default `CONTROL_OF`) and the base's value, arm - control and arm - base with
+    paired intervals."""
     rng, out = np.random.default_rng(seed), []
     d = downstream.assign(regime=downstream.regime.fillna("").astype(str))
     d = d[d.measure != "mechanism site"]
@@ -164,7 +166,7 @@ def downstream_effects(downstream: pd.DataFrame, n_boot: int = 2000, seed: int =
     ci = lambda x: np.nanquantile(x, [0.025, 0.975]).tolist()
     n_prompts = {m: _outcomes(base, DERIVED.get(m, ((m,), None))[0][0]).shape[1] for m in measures}
     for (regime, arm), rows in d.groupby(["regime", "arm"], sort=False):
-        control_arm = arm if arm == "base" else CONTROL_OF[arm]
+        control_arm = arm if arm == "base" else (control_of or CONTROL_OF)[arm]
         control = d[(d.regime == regime) & (d.arm == control_arm)]
         for m in measures:
             if m not in set(rows.measure) and m not in DERIVED or \

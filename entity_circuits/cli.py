@@ -91,14 +91,20 @@ def _add_training_options(p, out: str) -> None:
 
 def _add_train_targeted(sub) -> None:
     "The `train-targeted` subcommand: the targeted chapter's arms (`targeted.train_targeted`)."
-    from entity_circuits.targeted import TARGETED_TASKS
+    from entity_circuits.targeted import TARGETED_LORA, TARGETED_TASKS
     t = sub.add_parser("train-targeted", help="fine-tune with only chosen heads trainable (the targeted arms)",
                        description="Fine-tune the targeted chapter's arms (the base circuit's A+B, A, B heads, random "
                        "heads, every head outside the circuit; on the arithmetic data and on the replay alone) at every "
                        "seed, every other weight frozen, measure accuracy and CMAP, and add the rows to "
-                       "organisms/targeted/arms.csv.")
+                       "organisms/targeted/arms.csv. With --boxes: the boxes task as the target instead "
+                       "(organisms/targeted/boxes.csv); with --lr-rule: the learning-rate rule for each head set "
+                       "(organisms/targeted/lr_rule.csv).")
     t.add_argument("--sets", nargs="+", default=None, help="head sets (default: all)")
-    t.add_argument("--tasks", nargs="+", choices=list(TARGETED_TASKS), default=list(TARGETED_TASKS))
+    t.add_argument("--tasks", nargs="+", choices=[*TARGETED_TASKS, TARGETED_LORA], default=list(TARGETED_TASKS),
+                   help=f"the data: arithmetic, the replay alone, or {TARGETED_LORA!r} (arithmetic, LoRA adapters on the "
+                   "heads) (default: %(default)s)")
+    t.add_argument("--boxes", action="store_true", help="train the boxes task as the target instead")
+    t.add_argument("--lr-rule", action="store_true", help="run the learning-rate rule for each head set instead")
     _add_training_options(t, "organisms/targeted")
 
 # %% ../nbs/12_cli.ipynb #cliparse
@@ -170,10 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "train-targeted":
         from entity_circuits.arms import ArmMeasures
-        from entity_circuits.targeted import train_targeted
+        from entity_circuits.targeted import targeted_lr_rule, train_boxes_target, train_targeted
         try:
-            train_targeted(args.out, args.seeds, args.sets, args.tasks, args.workers, args.smoke,
-                           ArmMeasures.from_results(config=Config.smoke() if args.smoke else Config()))
+            if args.boxes:
+                train_boxes_target(args.out, args.seeds, args.workers, args.smoke)
+            elif args.lr_rule:
+                targeted_lr_rule(args.out, args.workers, args.smoke)
+            else:
+                train_targeted(args.out, args.seeds, args.sets, args.tasks, args.workers, args.smoke,
+                               ArmMeasures.from_results(config=Config.smoke() if args.smoke else Config()))
         except ValueError as e:  # smoke-sized arms into the real directory, an unknown task
             parser.error(str(e))
         return 0

@@ -32,7 +32,7 @@ __all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'VOCABULARIES', 
            'REPLICATES_CSV', 'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy',
            'head_ablation', 'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc',
            'pretrain_base', 'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss',
-           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'fine_tune', 'choose_lr',
+           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'with_lora', 'fine_tune', 'choose_lr',
            'revival_training', 'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
 
 # %% ../nbs/04_organisms.ipynb #b94d41d6
@@ -475,6 +475,17 @@ def fine_tune_stream(tokenizer, design: FineTune, recipe: OrganismRecipe, seed: 
         yield ids, mask
 
 # %% ../nbs/04_organisms.ipynb #finetune
+def with_lora(model, recipe: OrganismRecipe, replicate: int = 0):
+    """`model` (modified) with the organisms' LoRA adapters (rank `recipe.ft_lora_r` on every attention and MLP
+    projection), initialised from `recipe.seed + replicate` without touching the global random state."""
+    from peft import LoraConfig, get_peft_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed + replicate)
+        return get_peft_model(model, LoraConfig(
+            r=recipe.ft_lora_r, lora_alpha=2 * recipe.ft_lora_r, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+
+
 def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, lr: float | None = None,
               log: Callable[[dict], None] = lambda row: None, name: str | None = None, replicate: int = 0,
               on_eval: Callable[[int, Any], None] | None = None, vocabulary: str = "separate",
@@ -491,12 +502,7 @@ def fine_tune(base, tokenizer, design: FineTune | str, recipe: OrganismRecipe, l
     lr = lr if lr is not None else (recipe.ft_lora_lrs if design.lora else recipe.ft_lrs)[0]
     model = copy.deepcopy(base)
     if design.lora:
-        from peft import LoraConfig, get_peft_model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed + replicate)
-            model = get_peft_model(model, LoraConfig(
-                r=recipe.ft_lora_r, lora_alpha=2 * recipe.ft_lora_r, lora_dropout=0.0,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        model = with_lora(model, recipe, replicate)
     after_step = trainable(model) if trainable is not None else (lambda: None)
     opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], lr, recipe, warmup=20, weight_decay=0.0)
     boxes_eval, formats = sample_boxes(recipe.n_eval // 3, 7, seed=BOXES_EVAL_SEED), BINDING_FORMATS[1:]

@@ -178,10 +178,13 @@ def step_arms(zoo: Zoo, root=None) -> dict:
 
 @step("targeted")
 def step_targeted(zoo: Zoo, root=None) -> dict:
-    """The targeted chapter's effects: the arms that train only chosen heads, against replay-only and against random
-    heads (`targeted_effects`), from the committed outcomes of the base organism's targeted arms."""
-    from entity_circuits.targeted import stored_targeted
-    return _of_organism_arms(zoo, "targeted_effects", lambda: stored_targeted(root))
+    """The targeted chapter's effects, from the committed outcomes of the base organism's targeted arms: the arms that
+    train only chosen heads against replay-only and against random heads (`targeted_effects`), their CMAP and other
+    measures against random heads (`targeted_downstream`), and the boxes task as the target (`boxes_target_effects`)."""
+    from entity_circuits.targeted import stored_boxes_target, stored_targeted, stored_targeted_downstream
+    return (_of_organism_arms(zoo, "targeted_effects", lambda: stored_targeted(root))
+            | _of_organism_arms(zoo, "targeted_downstream", lambda: stored_targeted_downstream(root))
+            | _of_organism_arms(zoo, "boxes_target_effects", lambda: stored_boxes_target(root)))
 
 # %% ../nbs/11_reproduce.ipynb #stepextras
 EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query label -> previous query label",

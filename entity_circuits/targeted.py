@@ -5,8 +5,9 @@
 # %% ../nbs/10a3_targeted.ipynb #tgt02
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -17,8 +18,12 @@ from .tracing import attention_layout, get_module
 from .zoo import Config
 
 # %% auto #0
-__all__ = ['TARGETED_DIR', 'TARGETED_LR', 'TARGETED_TASKS', 'head_masks', 'trainable_count', 'train_only_heads', 'head_sets',
-           'HeadsOnly', 'train_targeted', 'targeted_effects', 'stored_targeted', 'plot_targeted']
+__all__ = ['TARGETED_DIR', 'TARGETED_LR', 'TARGETED_TASKS', 'TARGETED_LORA', 'TARGETED_LORA_SETS', 'BOXES_TARGET_SEED',
+           'BOXES_TARGET_STEPS', 'BOXES_TARGET_BATCH', 'BOXES_TARGET_SETS', 'TARGETED_RULE_LRS', 'head_masks',
+           'trainable_count', 'train_only_heads', 'head_sets', 'HeadsOnly', 'train_targeted', 'targeted_effects',
+           'stored_targeted', 'plot_targeted', 'targeted_downstream_effects', 'stored_targeted_downstream',
+           'boxes_training_prompts', 'train_on_boxes', 'train_boxes_target', 'boxes_target_effects',
+           'stored_boxes_target', 'plot_boxes_target', 'targeted_lr_rule']
 
 # %% ../nbs/10a3_targeted.ipynb #tgt05
 def _feature_dim(module: nn.Module, side: str) -> int:
@@ -34,7 +39,9 @@ def _feature_dim(module: nn.Module, side: str) -> int:
 def head_masks(model, heads: Iterable[tuple[int, int]]) -> dict[str, torch.Tensor]:
     """Parameter name -> boolean mask (the parameter's shape) of the entries that belong to `heads` (`(layer, head)`):
     each head's rows (output features) of the query projection, the key and value rows of its key/value head, its
-    columns (input features) of the output projection, and the matching q/k/v bias entries."""
+    columns (input features) of the output projection, and the matching q/k/v bias entries. On an unmerged peft LoRA
+    the adapters' entries are marked instead of the frozen base weights: of a q/k/v adapter the head's rows of B and
+    all of A, of the output projection's the head's columns of A and all of B (`train_only_heads` zeroes the rest)."""
     lay = attention_layout(model)
     heads = sorted({(int(l), int(h)) for l, h in heads})
     for l, h in heads:
@@ -43,6 +50,13 @@ def head_masks(model, heads: Iterable[tuple[int, int]]) -> dict[str, torch.Tenso
     masks: dict[str, torch.Tensor] = {}
 
     def mark(module: nn.Module, features: torch.Tensor, side: str):
+        if hasattr(module, "lora_A"):                # peft: the adapters' matrices, B [out, r] and A [r, in]
+            for adapter in module.active_adapters:
+                owned, whole = ((module.lora_B, module.lora_A) if side == "out" else (module.lora_A, module.lora_B))
+                owned, whole = owned[adapter], whole[adapter]
+                mark(owned, features, side)
+                mark(whole, torch.arange(whole.weight.shape[_feature_dim(whole, side)]), side)
+            return
         dim = _feature_dim(module, side)
         for pname in ("weight", "bias") if side == "out" else ("weight",):
             p = getattr(module, pname, None)
@@ -57,7 +71,8 @@ def head_masks(model, heads: Iterable[tuple[int, int]]) -> dict[str, torch.Tenso
         mark(o, lay.heads(torch.arange(lay.n_heads * lay.head_dim), "o")[h], "in")
         for kind in ("q", "k", "v"):
             proj = get_module(model, lay.module(l, kind))
-            width = proj.weight.shape[_feature_dim(proj, "out")]
+            linear = getattr(proj, "base_layer", proj)
+            width = linear.weight.shape[_feature_dim(linear, "out")]
             mark(proj, lay.heads(torch.arange(width), kind)[h if kind == "q" else lay.kv_head(h)], "out")
     return masks
 
@@ -70,7 +85,10 @@ def trainable_count(masks: dict[str, torch.Tensor]) -> int:
 def train_only_heads(model, heads: Iterable[tuple[int, int]]) -> Callable[[], None]:
     """Freeze every parameter of `model` except the entries `heads` own (`head_masks`): gradients off elsewhere, masked
     (hooks) in the partly owned parameters. Returns `after_step()`, to call after every optimizer step: it restores
-    the frozen entries of the partly owned parameters from their values now, so that they stay bit-identical."""
+    the frozen entries of the partly owned parameters from their values now, so that they stay bit-identical. On an
+    unmerged peft LoRA the frozen entries of the heads' adapters are first set to zero (B's already are), so that
+    every other head's update, B A, is exactly zero: merged, the model differs from its base in the heads' entries
+    only."""
     masks = head_masks(model, heads)
     if not masks:
         raise ValueError("no heads given: nothing would train.")
@@ -79,6 +97,9 @@ def train_only_heads(model, heads: Iterable[tuple[int, int]]) -> Callable[[], No
         p.requires_grad_(name in masks)
         if name in masks:
             mask = masks[name]
+            if "lora_" in name:
+                with torch.no_grad():
+                    p.masked_fill_(~mask, 0.0)
             p.register_hook(lambda g, mask=mask: g * mask)
             kept[name] = (p, mask, p.detach().clone())
 
@@ -126,6 +147,11 @@ TARGETED_LR = 3e-4
 "The arithmetic arm's rate in the controlled experiment (`ARM_LRS['math-full']`), used by every targeted arm."
 TARGETED_TASKS = {"math": "arithmetic", "replay": None}
 "The data of a targeted arm: the arithmetic arm's (task rows and replay) or the replay alone."
+TARGETED_LORA = "lora"
+"""The task name of the LoRA arms (`lora-<set>`): the arithmetic data, the organisms' LoRA adapters, only the set's
+part of them trainable (`train_only_heads` on the PeftModel), at the LoRA arithmetic arm's rate (`ARM_LRS['math-lora']`)."""
+TARGETED_LORA_SETS = ("circuit-AB", "random")
+"The head sets the LoRA arms train: the verdict's comparison, circuit against as many random heads."
 
 
 def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[str] | None = None,
@@ -133,17 +159,17 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
                    downstream=None) -> pd.DataFrame:
     """Every targeted arm (`<task>-<head set>`, e.g. `math-circuit-AB`) at every seed: the controlled experiment's
     `_arm_job` with only the set's heads trainable (`HeadsOnly`), its replay-only control being the controlled
-    experiment's `replay-full`; rows (with `trainable`, the count of trainable entries) added to `out/arms.csv`
+    experiment's `replay-full` (`replay-lora` for the LoRA arms, `TARGETED_LORA`); rows (with `trainable`, the count of trainable entries) added to `out/arms.csv`
     (default `organisms/targeted`), and `downstream`'s measures beside it. `smoke`: smoke sizes, 20 test prompts."""
     from entity_circuits.circuit import need_circuit
-    from entity_circuits.controlled import _arm_job, _base_model, arm_recipe, arms_file, save_outcomes
-    from entity_circuits.organisms import FineTune, _run_jobs
+    from entity_circuits.controlled import ARM_LRS, _arm_job, _base_model, arm_recipe, arms_file, save_outcomes
+    from entity_circuits.organisms import FineTune, _run_jobs, with_lora
     out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
     if smoke and out.resolve() == arms_file("", TARGETED_DIR).resolve():
         raise ValueError("smoke-sized arms do not belong beside the real ones: give another `out`.")
-    unknown = set(tasks) - set(TARGETED_TASKS)
+    unknown = set(tasks) - {*TARGETED_TASKS, TARGETED_LORA}
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TARGETED_TASKS)}.")
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {[*TARGETED_TASKS, TARGETED_LORA]}.")
     recipe, base, circuit = arm_recipe(smoke), _base_model(), need_circuit().to_dict()
     lay = attention_layout(base)
     jobs, counts = [], {}
@@ -152,33 +178,48 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
             if sets is not None and name not in sets:
                 continue
             for task in tasks:
+                lora = task == TARGETED_LORA
+                if lora and name not in TARGETED_LORA_SETS:
+                    continue
                 arm = f"{task}-{name}"
-                counts[arm, seed] = trainable_count(head_masks(base, heads))
+                counts[arm, seed] = trainable_count(head_masks(with_lora(copy.deepcopy(base), recipe, seed) if lora
+                                                               else base, heads))
                 jobs.append((str(out), arm, int(seed), recipe, 20 if smoke else Config().n_test, False, "binding",
-                             TARGETED_LR, downstream, FineTune(TARGETED_TASKS[task], lora=False), "replay-full",
-                             HeadsOnly(heads)))
+                             ARM_LRS["math-lora"] if lora else TARGETED_LR, downstream,
+                             FineTune("arithmetic" if lora else TARGETED_TASKS[task], lora=lora),
+                             "replay-lora" if lora else "replay-full", HeadsOnly(heads)))
     out.mkdir(parents=True, exist_ok=True)
     done = _run_jobs(_arm_job, jobs, workers)
     return save_outcomes(out, [(r | {"trainable": counts[r["arm"], r["seed"]]}, m) for r, m in done])
 
 # %% ../nbs/10a3_targeted.ipynb #tgt19
+def _random_of(arm: str) -> str:
+    "The random-heads arm of the same data as the targeted `arm` (`math-circuit-A` -> `math-random`)."
+    return arm.split("-", 1)[0] + "-random"
+
+
+def _replay_of(arm: str) -> str:
+    "The replay-only control of a targeted arm: the controlled experiment's LoRA one for the LoRA arms, else the full."
+    return "replay-lora" if arm.startswith(f"{TARGETED_LORA}-") else "replay-full"
+
+
 def targeted_effects(targeted: pd.DataFrame, controlled: pd.DataFrame, n_boot: int = 2000,
                      seed: int = 0) -> pd.DataFrame:
-    """Each targeted arm against the replay-only control (`against` 'replay-full') and against the random-heads arm of
-    its own data (`against` 'random'), by `arm_effects`; with each arm's `trainable` count."""
+    """Each targeted arm against the replay-only control of its kind (`against` 'replay-only': `_replay_of`) and against
+    the random-heads arm of its own data and kind (`against` 'random'), by `arm_effects`; with each arm's `trainable`
+    count."""
     from entity_circuits.controlled import arm_effects, with_regime
     controlled = with_regime(controlled)
-    shared = controlled[(controlled.arm == "base") | ((controlled.regime == "binding")
-                                                     & (controlled.arm == "replay-full"))]
+    replays = ["replay-full", "replay-lora"]
+    shared = controlled[(controlled.arm == "base") | ((controlled.regime == "binding") & controlled.arm.isin(replays))]
     t = with_regime(targeted)
-    random_of = lambda arm: arm.split("-", 1)[0] + "-random"
     out = []
-    for against, control in (("replay-full", lambda a: "replay-full"), ("random", random_of)):
+    for against, control in (("replay-only", _replay_of), ("random", _random_of)):
         rows = t.assign(control=t.arm.map(control))
         if against == "random":
-            rows = rows[rows.arm.map(random_of).isin(set(t.arm))]
+            rows = rows[rows.arm.map(_random_of).isin(set(t.arm))]
         e = arm_effects(pd.concat([shared, rows], ignore_index=True), n_boot, seed)
-        out.append(e[e.arm != "replay-full"].assign(against=against))       # the control's own rows: not arms
+        out.append(e[~e.arm.isin(replays)].assign(against=against))       # the controls' own rows: not arms
     count = t.groupby("arm").trainable.first().astype(int)
     return pd.concat(out, ignore_index=True).assign(trainable=lambda d: d.arm.map(count))
 
@@ -187,7 +228,8 @@ def stored_targeted(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
     "`targeted_effects` of the committed targeted and controlled arms, stored; None if the targeted arms were not run."
     from entity_circuits.controlled import arms_file, stored_from_file
     return stored_from_file("targeted_effects", {"targeted": arms_file("arms.csv", TARGETED_DIR),
-                                                 "controlled": arms_file("arms.csv")}, targeted_effects, root, n_boot)
+                                                 "controlled": arms_file("arms.csv")}, targeted_effects, root, n_boot,
+                            version=2)
 
 # %% ../nbs/10a3_targeted.ipynb #tgt21
 def plot_targeted(targeted: pd.DataFrame, controlled: pd.DataFrame, n_params: int, metric: str = "top1"):
@@ -215,3 +257,213 @@ def plot_targeted(targeted: pd.DataFrame, controlled: pd.DataFrame, n_params: in
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     return fig
+
+# %% ../nbs/10a3_targeted.ipynb #cm02
+def targeted_downstream_effects(targeted: pd.DataFrame, controlled: pd.DataFrame, n_boot: int = 2000,
+                                seed: int = 0) -> pd.DataFrame:
+    """The arms chapter's `downstream_effects` of the targeted arms' measures (CMAP by group, own top-1, ...), each
+    arm against the random heads of its data and against the base (the controlled experiment's base rows)."""
+    from entity_circuits.arms import downstream_effects
+    d = pd.concat([controlled[controlled.arm == "base"], targeted], ignore_index=True)
+    return downstream_effects(d, n_boot, seed, control_of={a: _random_of(a) for a in set(targeted.arm)})
+
+
+def stored_targeted_downstream(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
+    "`targeted_downstream_effects` of the committed measures, stored as `targeted_downstream`; None if not measured."
+    from entity_circuits.controlled import arms_file, stored_from_file
+    return stored_from_file("targeted_downstream", {"targeted": arms_file("downstream.csv", TARGETED_DIR),
+                                                    "controlled": arms_file("downstream.csv")},
+                            targeted_downstream_effects, root, n_boot)
+
+# %% ../nbs/10a3_targeted.ipynb #bx02
+BOXES_TARGET_SEED = 3000
+"Seed of the boxes prompts the second target trains on (held apart from the test prompts: `boxes_training_prompts`)."
+BOXES_TARGET_STEPS = (10, 50)
+"Steps of boxes training after which a second-target arm is measured (fixed before any arm was trained)."
+BOXES_TARGET_BATCH = 16
+BOXES_TARGET_SETS = ("circuit-AB", "random", "every")
+"The second target's trainable sets: the base circuit's A+B heads, as many random heads (`head_sets`), every weight."
+
+
+def boxes_training_prompts(tokenizer, n: int, test: Sequence, seed: int = BOXES_TARGET_SEED) -> list:
+    """`n` 7-box prompts of the words `tokenizer` has as single tokens (`sample_usable` at `seed`), none with the
+    context (objects and labels) of a prompt in `test`: the second target trains on the task, never on a test prompt."""
+    from entity_circuits.data import sample_usable
+    held = {(e.objects, e.labels) for e in test}
+    drawn = [e for e in sample_usable(tokenizer, n + len(held), 7, seed) if (e.objects, e.labels) not in held]
+    return drawn[:n]
+
+
+def train_on_boxes(model, tokenizer, examples: Sequence, steps: Sequence[int], heads=None, lr: float = 3e-4,
+                   batch_size: int = BOXES_TARGET_BATCH, seed: int = 0) -> Iterator[tuple[int, Any]]:
+    """Train a copy of `model` on boxes `examples` (the answer token's cross-entropy; batches of `batch_size` in an
+    order drawn with `seed`; AdamW at `lr`, no weight decay), only `heads` trainable (`train_only_heads`), or every
+    weight if `heads` is None. Yields `(0, copy)` before the first step and `(step, copy)` after each step in `steps`,
+    in eval mode; `model` itself is untouched."""
+    import copy
+    import random
+    import torch.nn.functional as F
+    from entity_circuits.data import encode
+    if not examples or not steps or min(steps) < 1:
+        raise ValueError("need examples to train on and steps >= 1 to measure after.")
+    trained = copy.deepcopy(model)
+    for p in trained.parameters():
+        p.requires_grad_(True)
+    after_step = train_only_heads(trained, heads) if heads is not None else (lambda: None)
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    order = random.Random(seed).sample(range(len(examples)), len(examples))
+    yield 0, trained.eval()
+    for step in range(1, max(steps) + 1):
+        trained.train()
+        at = range((step - 1) * batch_size, step * batch_size)
+        batch = encode([examples[order[i % len(order)]] for i in at], tokenizer)
+        loss = F.cross_entropy(trained(**batch.model_inputs()).logits[:, -1], batch.answer_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after_step()
+        if step in steps:
+            yield step, trained.eval()
+
+# %% ../nbs/10a3_targeted.ipynb #bx05
+def _boxes_job(name: str, heads, seed: int, n_test: int, steps: Sequence[int], trainable: int) -> list[dict]:
+    "One second-target arm at one seed: trained from the shipped base (`train_on_boxes`), measured at each of `steps`."
+    import time
+    from entity_circuits.controlled import _base_model, _bits, answer_outcomes, test_prompts
+    from entity_circuits.corpus import organism_tokenizer
+    torch.set_num_threads(1)
+    tokenizer, base, t = organism_tokenizer(), _base_model(), time.time()
+    test = test_prompts(n_test)
+    train = boxes_training_prompts(tokenizer, max(steps) * BOXES_TARGET_BATCH, test_prompts(Config().n_test))
+    rows = []
+    for step, model in train_on_boxes(base, tokenizer, train, steps, heads, TARGETED_LR, seed=seed):
+        if step == 0:
+            continue
+        o = answer_outcomes(model, tokenizer, test)
+        rows.append({"regime": f"boxes {step}", "arm": f"boxes-{name}", "seed": seed, "steps": step,
+                     "lr": TARGETED_LR, "control": "boxes-random", "trainable": trainable, "n": n_test,
+                     "wall_seconds": round(time.time() - t, 1),
+                     **{m: _bits(o[m]) for m in ("top1", "restricted", "in_context", "exposed")}})
+    return rows
+
+
+def train_boxes_target(out: str | Path | None = None, seeds=SEEDS, workers: int = 1, smoke: bool = False) -> pd.DataFrame:
+    """Every second-target arm (`boxes-<set>`, `BOXES_TARGET_SETS`) at every seed, rows added to `out/boxes.csv` (default
+    `organisms/targeted`). `smoke`: 1 and 2 steps, 20 test prompts, and `out` must be another folder."""
+    from entity_circuits.circuit import need_circuit
+    from entity_circuits.controlled import OUTCOME_KEYS, _base_model, _merge, arms_file
+    from entity_circuits.organisms import _run_jobs
+    out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
+    if smoke and out.resolve() == arms_file("", TARGETED_DIR).resolve():
+        raise ValueError("smoke-sized arms do not belong beside the real ones: give another `out`.")
+    base, circuit = _base_model(), need_circuit().to_dict()
+    lay = attention_layout(base)
+    steps, n_test = ((1, 2), 20) if smoke else (BOXES_TARGET_STEPS, Config().n_test)
+    jobs = []
+    for seed in seeds:
+        sets = head_sets(circuit, lay.n_layers, lay.n_heads, seed) | {"every": None}
+        for name in BOXES_TARGET_SETS:
+            heads = sets[name]
+            count = sum(p.numel() for p in base.parameters()) if heads is None else trainable_count(head_masks(base, heads))
+            jobs.append((name, heads, int(seed), n_test, steps, count))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for done in _run_jobs(_boxes_job, jobs, workers) for r in done]
+    return _merge(out / "boxes.csv", rows, OUTCOME_KEYS, ["regime", "seed", "arm"])
+
+# %% ../nbs/10a3_targeted.ipynb #bx07
+def boxes_target_effects(boxes: pd.DataFrame, controlled: pd.DataFrame, n_boot: int = 2000,
+                         seed: int = 0) -> pd.DataFrame:
+    """Per step count (`regime`), second-target arm and metric, by `arm_effects`: the arm against the random heads
+    (`effect`) and against the base (`vs_base`), with `trainable` and `share`, the arm's gain over the base as a share
+    of the every-weight arm's at the same step count."""
+    from entity_circuits.controlled import arm_effects, with_regime
+    controlled = with_regime(controlled)
+    b = with_regime(boxes)
+    e = arm_effects(pd.concat([controlled[controlled.arm == "base"], b], ignore_index=True), n_boot, seed)
+    every = e[e.arm == "boxes-every"].set_index(["regime", "metric"]).vs_base
+    count = b.groupby("arm").trainable.first().astype(int)
+    return e.assign(trainable=e.arm.map(count),
+                    share=[r.vs_base / every[r.regime, r.metric] for r in e.itertuples()])
+
+
+def stored_boxes_target(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
+    "`boxes_target_effects` of the committed second-target and controlled arms, stored; None if not run."
+    from entity_circuits.controlled import arms_file, stored_from_file
+    return stored_from_file("boxes_target_effects", {"boxes": arms_file("boxes.csv", TARGETED_DIR),
+                                                     "controlled": arms_file("arms.csv")}, boxes_target_effects, root,
+                            n_boot)
+
+# %% ../nbs/10a3_targeted.ipynb #bx09
+def plot_boxes_target(boxes: pd.DataFrame, base_value: float, metric: str = "top1"):
+    """The second target: `metric` on the test prompts against the steps of boxes training, one line per trainable set
+    (its mean over seeds, each seed a dot), the base at step 0 and as a dotted line; trainable entries in the legend."""
+    import matplotlib.pyplot as plt
+    from entity_circuits.controlled import per_seed, with_regime
+    t = per_seed(with_regime(boxes)).merge(boxes[["regime", "arm", "seed", "steps", "trainable"]].astype(
+        {"seed": int, "steps": int, "trainable": int}), on=["regime", "arm", "seed"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.axhline(base_value, color="grey", ls=":", lw=1, label="base")
+    for k, (arm, g) in enumerate(t.groupby("arm", sort=False)):
+        mean = g.groupby("steps")[metric].mean()
+        ax.plot([0, *mean.index], [base_value, *mean], "o-", color=f"C{k}",
+                label=f"{arm.removeprefix('boxes-')} ({g.trainable.iloc[0]:,} trainable)")
+        ax.scatter(g.steps, g[metric], color=f"C{k}", s=12, alpha=0.5)
+    ax.set(xlabel="steps of boxes training (batch 16)", ylabel=f"{metric} (test prompts)",
+           title="The boxes task as the target: which weights carry the gain")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/10a3_targeted.ipynb #lr02
+TARGETED_RULE_LRS = (3e-4, 1e-3)
+"The learning-rate rule's candidates for the restricted arms: the LoRA arms' (`OrganismRecipe.ft_lora_lrs`)."
+
+
+def _targeted_candidate(arm: str, heads, lr: float, recipe) -> dict:
+    "One candidate of the rule: the arithmetic arm `arm` with only `heads` trainable at `lr`, seed 0; its skills."
+    from entity_circuits.controlled import _base_model
+    from entity_circuits.corpus import organism_tokenizer
+    from entity_circuits.organisms import FineTune, evaluate_organism, fine_tune
+    torch.set_num_threads(recipe.threads)
+    tokenizer = organism_tokenizer()
+    model = fine_tune(_base_model(), tokenizer, FineTune("arithmetic", lora=False), recipe, lr, name=arm,
+                      vocabulary="shared", trainable=HeadsOnly(heads))
+    skills = {k: v for k, v in evaluate_organism(model, tokenizer, recipe).items() if k != "boxes_outcomes"}
+    return {"arm": arm, "lr": lr, **skills}
+
+
+def targeted_lr_rule(out: str | Path | None = None, workers: int = 1, smoke: bool = False) -> pd.DataFrame:
+    """`choose_lr` for each head set's arithmetic arm over `TARGETED_RULE_LRS`: a candidate already in `out/arms.csv`
+    (seed 0) is read, the others trained (`_targeted_candidate`); the table, with `chosen`, is kept in
+    `out/lr_rule.csv` (default `organisms/targeted`) and read back once there."""
+    from entity_circuits.circuit import need_circuit
+    from entity_circuits.controlled import _base_model, arm_recipe, arms_file, read_outcomes
+    from entity_circuits.organisms import RETAINED_FORMATS, _run_jobs, choose_lr
+    out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
+    if (out / "lr_rule.csv").exists():
+        return pd.read_csv(out / "lr_rule.csv")
+    recipe, base = arm_recipe(smoke), _base_model()
+    lay = attention_layout(base)
+    sets = head_sets(need_circuit().to_dict(), lay.n_layers, lay.n_heads, 0)
+    done = read_outcomes(out / "arms.csv") if (out / "arms.csv").exists() else pd.DataFrame(columns=["arm", "seed", "lr"])
+    done = done[(done.seed == 0)].assign(lr=lambda d: d.lr.astype(float))
+    rows, jobs = [], []
+    for name, heads in sets.items():
+        for lr in TARGETED_RULE_LRS:
+            have = done[(done.arm == f"math-{name}") & (done.lr - lr).abs().lt(1e-12)]
+            if len(have):
+                rows.append(have.iloc[0].drop(["regime", "seed", "control"], errors="ignore").to_dict())
+            else:
+                jobs.append((f"math-{name}", heads, lr, recipe))
+    rows += _run_jobs(_targeted_candidate, jobs, workers)
+    skills = ["arm", "lr", *(f"{f}_acc7" for f in RETAINED_FORMATS), "arithmetic_loss"]
+    table = pd.DataFrame(rows)[skills].astype({c: float for c in skills[1:]}).assign(
+        task_loss=lambda d: d.arithmetic_loss, chosen=False)
+    base_row = read_outcomes(arms_file("arms.csv"))
+    base_skills = base_row[base_row.arm == "base"].iloc[0][[f"{f}_acc7" for f in RETAINED_FORMATS]].astype(float)
+    for arm, part in table.groupby("arm"):
+        table.loc[part.index[part.lr == choose_lr(part, base_skills, recipe.ft_retention_tolerance)], "chosen"] = True
+    table = table.sort_values(["arm", "lr"], ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "lr_rule.csv", index=False, float_format="%.5g")
+    return table

@@ -475,7 +475,7 @@ def claim_targeted(root=None) -> dict:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     t = t[t.metric == "top1"]
     ab = t[(t.against == "random") & (t.arm == "math-circuit-AB")].set_index("arm")
-    replay = t[(t.against == "replay-full") & t.arm.isin(["math-circuit-AB", "math-random"])].set_index("arm")
+    replay = t[(t.against == "replay-only") & t.arm.isin(["math-circuit-AB", "math-random"])].set_index("arm")
     if ab.empty:
         return dict(row, organisms=NOT_COMPUTED, verdict=NOT_COMPUTED)
     r = ab.iloc[0]

@@ -308,8 +308,8 @@ def test_targeted_claim_reads_the_circuit_against_random_heads(tmp_path):
         return [dict(against=a, arm=arm, metric="top1", trainable=10, effect=e, ci_low=e - 0.05, ci_high=e + 0.05,
                      control=c, vs_base=0.0, vs_base_low=0.0, vs_base_high=0.0)
                 for a, arm, c, e in [("random", "math-circuit-AB", "math-random", effect),
-                                     ("replay-full", "math-circuit-AB", "replay-full", -0.1),
-                                     ("replay-full", "math-random", "replay-full", -0.2)]]
+                                     ("replay-only", "math-circuit-AB", "replay-full", -0.1),
+                                     ("replay-only", "math-random", "replay-full", -0.2)]]
 
     assert claim_targeted(tmp_path)["verdict"] == NOT_COMPUTED
     for v, (effect, verdict) in enumerate([(0.2, "holds"), (-0.2, "does not hold"),
