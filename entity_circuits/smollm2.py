@@ -18,10 +18,10 @@ from .results import cached
 from .zoo import DISCOVERY_SEED, SELECTION_SEED, SMOLLM2, TEST_SEED, table_name
 
 # %% auto #0
-__all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'EXTRA_DCM_BATCH', 'template_prefix', 'accuracy_grid', 'tracking', 'best_setting',
-           'stored_accuracy_grid', 'plot_accuracy_grid', 'circuit_scores', 'attribution_agreement',
-           'stored_circuit_scores', 'kept_circuit', 'circuit_faithfulness', 'circuit_minimality',
-           'stored_circuit_checks']
+__all__ = ['CHAT_INSTRUCTION', 'TEMPLATES', 'EXTRA_DISCOVERY_POOL', 'EXTRA_DCM_BATCH', 'template_prefix', 'accuracy_grid',
+           'tracking', 'best_setting', 'stored_accuracy_grid', 'plot_accuracy_grid', 'circuit_scores',
+           'attribution_agreement', 'stored_circuit_scores', 'kept_circuit', 'circuit_faithfulness',
+           'circuit_minimality', 'stored_circuit_checks']
 
 # %% ../nbs/10c_smollm2.ipynb #11abfe39
 CHAT_INSTRUCTION = "Complete the text."
@@ -110,13 +110,17 @@ def plot_accuracy_grid(grid: pd.DataFrame, title: str = SMOLLM2):
     return fig
 
 # %% ../nbs/10c_smollm2.ipynb #251e77c8
+EXTRA_DISCOVERY_POOL = 40
+"Path patching's candidates on an extra model: 40 seeded prompts for each correct one it needs."
+
+
 def circuit_scores(model, tokenizer, template: str, n_boxes: int, n: int = 50, seed: int = DISCOVERY_SEED,
                    batch_size: int = 50, instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
     """Path patching (the engine; `discover_circuit`) of the four groups on `n` prompts the model answers correctly
-    under `template` (`discovery_prompts`, from 40n candidates), and attribution patching of every head at each
+    under `template` (`discovery_prompts`, from `EXTRA_DISCOVERY_POOL` n candidates), and attribution patching of every head at each
     group's position: one row per group and head (score, attribution, kept)."""
     from entity_circuits.path_patching import GROUPS, PATHS, attribution_patching, discover_circuit, discovery_prompts
-    clean, corrupt = discovery_prompts(model, tokenizer, n, n_boxes, seed, batch_size, pool=40,
+    clean, corrupt = discovery_prompts(model, tokenizer, n, n_boxes, seed, batch_size, pool=EXTRA_DISCOVERY_POOL,
                                        prefix=template_prefix(tokenizer, template, instruction))
     circuit, scores = discover_circuit(model, clean, corrupt, batch_size=batch_size, progress=False)
     rows = []

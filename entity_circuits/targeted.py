@@ -233,9 +233,10 @@ def stored_targeted(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
 
 # %% ../nbs/10a3_targeted.ipynb #tgt21
 def plot_targeted(targeted: pd.DataFrame, controlled: pd.DataFrame, n_params: int, metric: str = "top1"):
-    """Effect against trainable parameters: each targeted arm and seed (arithmetic filled, replay alone open), its
-    `metric` minus the replay-only control's mean, at its count of trainable entries (log scale); the controlled
-    experiment's full arithmetic fine-tune at `n_params`; the replay-only control's seeds as a band around 0."""
+    """Effect against trainable parameters: each targeted arm and seed (arithmetic filled, replay alone open, LoRA
+    squares), its `metric` minus its replay-only control's mean (`_replay_of`), at its count of trainable entries (log
+    scale); the controlled experiment's full arithmetic fine-tune at `n_params`; the full replay-only control's seeds as
+    a band around 0."""
     import matplotlib.pyplot as plt
     from entity_circuits.controlled import per_seed, with_regime
     ctl = per_seed(with_regime(controlled)).query("regime in ('binding', '')")
@@ -244,16 +245,18 @@ def plot_targeted(targeted: pd.DataFrame, controlled: pd.DataFrame, n_params: in
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.axhspan(ref.min() - ref.mean(), ref.max() - ref.mean(), color="tab:blue", alpha=0.15, lw=0,
                label="replay-only control, its seeds")
+    refs = {r: ctl[ctl.arm == r][metric].mean() for r in ("replay-full", "replay-lora")}
     sets = list(dict.fromkeys(a.split("-", 1)[1] for a in t.arm))
     for k, s in enumerate(sets):
-        for task, fill in (("math", None), ("replay", "white")):
+        for task, marker, fill in (("math", "o", None), ("replay", "o", "white"), (TARGETED_LORA, "s", None)):
             g = t[t.arm == f"{task}-{s}"]
-            ax.plot(g.trainable.astype(float), g[metric] - ref.mean(), "o", color=f"C{k}", mfc=fill,
-                    label=f"{s} ({task})")
+            if len(g):
+                ax.plot(g.trainable.astype(float), g[metric] - refs[_replay_of(f"{task}-{s}")], marker,
+                        color=f"C{k}", mfc=fill, label=f"{s} ({task})")
     full = ctl[ctl.arm == "math-full"][metric]
     ax.plot([n_params] * len(full), full - ref.mean(), "k^", label="math-full (every weight)")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"{metric} minus replay-only")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"{metric} minus its replay-only")
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     return fig
