@@ -117,8 +117,8 @@ EXTRA_DISCOVERY_POOL = 40
 def circuit_scores(model, tokenizer, template: str, n_boxes: int, n: int = 50, seed: int = DISCOVERY_SEED,
                    batch_size: int = 50, instruction: str = CHAT_INSTRUCTION) -> pd.DataFrame:
     """Path patching (the engine; `discover_circuit`) of the four groups on `n` prompts the model answers correctly
-    under `template` (`discovery_prompts`, from `EXTRA_DISCOVERY_POOL` n candidates), and attribution patching of every head at each
-    group's position: one row per group and head (score, attribution, kept)."""
+    under `template` (`discovery_prompts`, from `EXTRA_DISCOVERY_POOL` n candidates), and attribution patching of
+    every head at each group's position: one row per group and head (score, attribution, kept)."""
     from entity_circuits.path_patching import GROUPS, PATHS, attribution_patching, discover_circuit, discovery_prompts
     clean, corrupt = discovery_prompts(model, tokenizer, n, n_boxes, seed, batch_size, pool=EXTRA_DISCOVERY_POOL,
                                        prefix=template_prefix(tokenizer, template, instruction))
