@@ -105,6 +105,7 @@ def _add_train_targeted(sub) -> None:
                    "heads) (default: %(default)s)")
     t.add_argument("--boxes", action="store_true", help="train the boxes task as the target instead")
     t.add_argument("--lr-rule", action="store_true", help="run the learning-rate rule for each head set instead")
+    t.add_argument("--lr", type=float, default=None, help="the head arms' learning rate (default: the chapter's 3e-4)")
     _add_training_options(t, "organisms/targeted")
 
 # %% ../nbs/12_cli.ipynb #cliparse
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targeted_lr_rule(args.out, args.workers, args.smoke)
             else:
                 train_targeted(args.out, args.seeds, args.sets, args.tasks, args.workers, args.smoke,
-                               ArmMeasures.from_results(config=Config.smoke() if args.smoke else Config()))
+                               ArmMeasures.from_results(config=Config.smoke() if args.smoke else Config()), args.lr)
         except ValueError as e:  # smoke-sized arms into the real directory, an unknown task
             parser.error(str(e))
         return 0

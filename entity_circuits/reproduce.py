@@ -180,11 +180,14 @@ def step_arms(zoo: Zoo, root=None) -> dict:
 def step_targeted(zoo: Zoo, root=None) -> dict:
     """The targeted chapter's effects, from the committed outcomes of the base organism's targeted arms: the arms that
     train only chosen heads against replay-only and against random heads (`targeted_effects`), their CMAP and other
-    measures against random heads (`targeted_downstream`), and the boxes task as the target (`boxes_target_effects`)."""
-    from entity_circuits.targeted import stored_boxes_target, stored_targeted, stored_targeted_downstream
+    measures against random heads (`targeted_downstream`), the boxes task as the target (`boxes_target_effects`), and
+    the verdict's two head sets at the learning-rate rule's rate (`targeted_rule_effects`)."""
+    from entity_circuits.targeted import (stored_boxes_target, stored_targeted, stored_targeted_downstream,
+                                          stored_targeted_rule)
     return (_of_organism_arms(zoo, "targeted_effects", lambda: stored_targeted(root))
             | _of_organism_arms(zoo, "targeted_downstream", lambda: stored_targeted_downstream(root))
-            | _of_organism_arms(zoo, "boxes_target_effects", lambda: stored_boxes_target(root)))
+            | _of_organism_arms(zoo, "boxes_target_effects", lambda: stored_boxes_target(root))
+            | _of_organism_arms(zoo, "targeted_rule_effects", lambda: stored_targeted_rule(root)))
 
 # %% ../nbs/11_reproduce.ipynb #stepextras
 EXTRA_KNOCKOUT_EDGES = ("last -> correct object", "last -> query label", "query label -> previous query label",

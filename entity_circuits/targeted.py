@@ -19,11 +19,12 @@ from .zoo import Config
 
 # %% auto #0
 __all__ = ['TARGETED_DIR', 'TARGETED_LR', 'TARGETED_TASKS', 'TARGETED_LORA', 'TARGETED_LORA_SETS', 'BOXES_TARGET_SEED',
-           'BOXES_TARGET_STEPS', 'BOXES_TARGET_BATCH', 'BOXES_TARGET_SETS', 'TARGETED_RULE_LRS', 'head_masks',
-           'trainable_count', 'train_only_heads', 'head_sets', 'HeadsOnly', 'train_targeted', 'targeted_effects',
-           'stored_targeted', 'plot_targeted', 'targeted_downstream_effects', 'stored_targeted_downstream',
-           'boxes_training_prompts', 'train_on_boxes', 'train_boxes_target', 'boxes_target_effects',
-           'stored_boxes_target', 'plot_boxes_target', 'targeted_lr_rule']
+           'BOXES_TARGET_STEPS', 'BOXES_TARGET_BATCH', 'BOXES_TARGET_SETS', 'TARGETED_RULE_LRS', 'TARGETED_RULE_DIR',
+           'head_masks', 'trainable_count', 'train_only_heads', 'head_sets', 'HeadsOnly', 'train_targeted',
+           'targeted_effects', 'stored_targeted', 'plot_targeted', 'targeted_downstream_effects',
+           'stored_targeted_downstream', 'boxes_training_prompts', 'train_on_boxes', 'train_boxes_target',
+           'boxes_target_effects', 'stored_boxes_target', 'plot_boxes_target', 'targeted_lr_rule',
+           'stored_targeted_rule']
 
 # %% ../nbs/10a3_targeted.ipynb #tgt05
 def _feature_dim(module: nn.Module, side: str) -> int:
@@ -156,11 +157,13 @@ TARGETED_LORA_SETS = ("circuit-AB", "random")
 
 def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[str] | None = None,
                    tasks: Sequence[str] = tuple(TARGETED_TASKS), workers: int = 1, smoke: bool = False,
-                   downstream=None) -> pd.DataFrame:
+                   downstream=None, lr: float | None = None) -> pd.DataFrame:
     """Every targeted arm (`<task>-<head set>`, e.g. `math-circuit-AB`) at every seed: the controlled experiment's
     `_arm_job` with only the set's heads trainable (`HeadsOnly`), its replay-only control being the controlled
-    experiment's `replay-full` (`replay-lora` for the LoRA arms, `TARGETED_LORA`); rows (with `trainable`, the count of trainable entries) added to `out/arms.csv`
-    (default `organisms/targeted`), and `downstream`'s measures beside it. `smoke`: smoke sizes, 20 test prompts."""
+    experiment's `replay-full` (`replay-lora` for the LoRA arms, `TARGETED_LORA`); rows (with `trainable`, the count
+    of trainable entries) added to `out/arms.csv` (default `organisms/targeted`), and `downstream`'s measures beside
+    it. `lr`: every head arm's rate (default `TARGETED_LR`; the LoRA arms keep theirs). `smoke`: smoke sizes, 20 test
+    prompts."""
     from entity_circuits.circuit import need_circuit
     from entity_circuits.controlled import ARM_LRS, _arm_job, _base_model, arm_recipe, arms_file, save_outcomes
     from entity_circuits.organisms import FineTune, _run_jobs, with_lora
@@ -185,7 +188,7 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
                 counts[arm, seed] = trainable_count(head_masks(with_lora(copy.deepcopy(base), recipe, seed) if lora
                                                                else base, heads))
                 jobs.append((str(out), arm, int(seed), recipe, 20 if smoke else Config().n_test, False, "binding",
-                             ARM_LRS["math-lora"] if lora else TARGETED_LR, downstream,
+                             ARM_LRS["math-lora"] if lora else lr or TARGETED_LR, downstream,
                              FineTune("arithmetic" if lora else TARGETED_TASKS[task], lora=lora),
                              "replay-lora" if lora else "replay-full", HeadsOnly(heads)))
     out.mkdir(parents=True, exist_ok=True)
@@ -470,3 +473,15 @@ def targeted_lr_rule(out: str | Path | None = None, workers: int = 1, smoke: boo
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "lr_rule.csv", index=False, float_format="%.5g")
     return table
+
+# %% ../nbs/10a3_targeted.ipynb #lr03b
+TARGETED_RULE_DIR = f"{TARGETED_DIR}/rule"
+"The verdict's two head sets retrained at the rate the rule chose for them (`organisms/targeted/rule/arms.csv`)."
+
+
+def stored_targeted_rule(root=None, n_boot: int = 2000) -> pd.DataFrame | None:
+    "`targeted_effects` of the arms retrained at the rule's rate, stored as `targeted_rule_effects`; None if not run."
+    from entity_circuits.controlled import arms_file, stored_from_file
+    return stored_from_file("targeted_rule_effects", {"targeted": arms_file("arms.csv", TARGETED_RULE_DIR),
+                                                      "controlled": arms_file("arms.csv")}, targeted_effects, root,
+                            n_boot)
