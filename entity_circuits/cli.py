@@ -74,8 +74,6 @@ def _add_train_arms(sub) -> None:
                        "the main regime, and add the rows to arms.csv, downstream.csv and trajectories.csv.")
     a.add_argument("--regime", choices=list(REGIMES), default=REGIMES[0],
                    help="the replay: binding documents and other text, or other text alone (default: %(default)s)")
-    a.add_argument("--no-measures", action="store_true",
-                   help="boxes outcomes and skills only (no circuit, CMAP, DCM or mechanism measures)")
     a.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the arms (default: all)")
     _add_training_options(a, "organisms/controlled")
 
@@ -87,6 +85,8 @@ def _add_training_options(p, out: str) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (same result)")
     p.add_argument("--out", default=None, help=f"output directory (default: {out})")
     p.add_argument("--smoke", action="store_true", help="smoke size (seconds), needs --out")
+    p.add_argument("--no-measures", action="store_true",
+                   help="boxes outcomes and skills only (no circuit, CMAP, DCM or mechanism measures)")
 
 
 def _add_train_targeted(sub) -> None:
@@ -184,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.lr_rule:
                 targeted_lr_rule(args.out, args.workers, args.smoke)
             else:
-                train_targeted(args.out, args.seeds, args.sets, args.tasks, args.workers, args.smoke,
-                               ArmMeasures.from_results(config=Config.smoke() if args.smoke else Config()), args.lr)
+                downstream = None if args.no_measures else ArmMeasures.from_results(
+                    config=Config.smoke() if args.smoke else Config())
+                train_targeted(args.out, args.seeds, args.sets, args.tasks, args.workers, args.smoke, downstream, args.lr)
         except ValueError as e:  # smoke-sized arms into the real directory, an unknown task
             parser.error(str(e))
         return 0
