@@ -150,7 +150,8 @@ TARGETED_TASKS = {"math": "arithmetic", "replay": None}
 "The data of a targeted arm: the arithmetic arm's (task rows and replay) or the replay alone."
 TARGETED_LORA = "lora"
 """The task name of the LoRA arms (`lora-<set>`): the arithmetic data, the organisms' LoRA adapters, only the set's
-part of them trainable (`train_only_heads` on the PeftModel), at the LoRA arithmetic arm's rate (`ARM_LRS['math-lora']`)."""
+part of them trainable (`train_only_heads` on the PeftModel), at the LoRA arithmetic arm's rate
+(`ARM_LRS['math-lora']`)."""
 TARGETED_LORA_SETS = ("circuit-AB", "random")
 "The head sets the LoRA arms train: the verdict's comparison, circuit against as many random heads."
 
@@ -353,9 +354,10 @@ def _boxes_job(name: str, heads, seed: int, n_test: int, steps: Sequence[int], t
     return rows
 
 
-def train_boxes_target(out: str | Path | None = None, seeds=SEEDS, workers: int = 1, smoke: bool = False) -> pd.DataFrame:
-    """Every second-target arm (`boxes-<set>`, `BOXES_TARGET_SETS`) at every seed, rows added to `out/boxes.csv` (default
-    `organisms/targeted`). `smoke`: 1 and 2 steps, 20 test prompts, and `out` must be another folder."""
+def train_boxes_target(out: str | Path | None = None, seeds=SEEDS, workers: int = 1,
+                       smoke: bool = False) -> pd.DataFrame:
+    """Every second-target arm (`boxes-<set>`, `BOXES_TARGET_SETS`) at every seed, rows added to `out/boxes.csv`
+    (default `organisms/targeted`). `smoke`: 1 and 2 steps, 20 test prompts, and `out` must be another folder."""
     from entity_circuits.circuit import need_circuit
     from entity_circuits.controlled import OUTCOME_KEYS, _base_model, _merge, arms_file
     from entity_circuits.organisms import _run_jobs
@@ -370,7 +372,8 @@ def train_boxes_target(out: str | Path | None = None, seeds=SEEDS, workers: int 
         sets = head_sets(circuit, lay.n_layers, lay.n_heads, seed) | {"every": None}
         for name in BOXES_TARGET_SETS:
             heads = sets[name]
-            count = sum(p.numel() for p in base.parameters()) if heads is None else trainable_count(head_masks(base, heads))
+            count = (sum(p.numel() for p in base.parameters()) if heads is None
+                     else trainable_count(head_masks(base, heads)))
             jobs.append((name, heads, int(seed), n_test, steps, count))
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for done in _run_jobs(_boxes_job, jobs, workers) for r in done]
@@ -451,8 +454,9 @@ def targeted_lr_rule(out: str | Path | None = None, workers: int = 1, smoke: boo
     recipe, base = arm_recipe(smoke), _base_model()
     lay = attention_layout(base)
     sets = head_sets(need_circuit().to_dict(), lay.n_layers, lay.n_heads, 0)
-    done = read_outcomes(out / "arms.csv") if (out / "arms.csv").exists() else pd.DataFrame(columns=["arm", "seed", "lr"])
-    done = done[(done.seed == 0)].assign(lr=lambda d: d.lr.astype(float))
+    done = (read_outcomes(out / "arms.csv") if (out / "arms.csv").exists()
+            else pd.DataFrame(columns=["arm", "seed", "lr"]))
+    done = done[done.seed == 0].assign(lr=lambda d: d.lr.astype(float))
     rows, jobs = [], []
     for name, heads in sets.items():
         for lr in TARGETED_RULE_LRS:
