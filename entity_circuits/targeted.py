@@ -476,7 +476,7 @@ def targeted_lr_rule(out: str | Path | None = None, workers: int = 1, smoke: boo
     table = table.sort_values(["arm", "lr"], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "lr_rule.csv", index=False, float_format="%.5g")
-    return table
+    return pd.read_csv(out / "lr_rule.csv")                  # as every later call reads it
 
 # %% ../nbs/10a3_targeted.ipynb #lr03b
 TARGETED_RULE_DIR = f"{TARGETED_DIR}/rule"
