@@ -25,7 +25,7 @@ from .zoo import Config, Zoo, context_choice
 
 # %% auto #0
 __all__ = ['ARMS', 'CONTROL_OF', 'ARM_LRS', 'SEEDS', 'REGIMES', 'ARMS_DIR', 'RULE_ARMS', 'OUTCOME_KEYS', 'METRICS',
-           'OUTSIDE_TARGET', 'answer_outcomes', 'arms_file', 'read_outcomes', 'test_prompts', 'arm_recipe',
+           'OUTSIDE_TARGET', 'answer_outcomes', 'arms_file', 'arms_out', 'read_outcomes', 'test_prompts', 'arm_recipe',
            'regime_lrs', 'save_outcomes', 'train_arms', 'with_regime', 'arm_effects', 'arms_table', 'stored_from_file',
            'stored_controlled', 'per_seed', 'plot_effects', 'findings']
 
@@ -79,6 +79,15 @@ def _bits(x) -> str:
 def arms_file(name: str, folder: str = ARMS_DIR) -> Path:
     "A committed file of the controlled experiment (`arms.csv`, `downstream.csv`, ...; `folder`: the targeted arms')."
     return organisms_dir() / folder / name
+
+
+def arms_out(out: str | Path | None, folder: str = ARMS_DIR, smoke: bool = False) -> Path:
+    "Where a trainer writes: `out`, or the committed `folder`; smoke-sized arms are refused there."
+    shipped = arms_file("", folder)
+    out = Path(out) if out is not None else shipped
+    if smoke and out.resolve() == shipped.resolve():
+        raise ValueError("--smoke needs another --out: smoke-sized arms do not belong beside the shipped ones.")
+    return out
 
 
 def read_outcomes(path: Path) -> pd.DataFrame:
@@ -136,13 +145,17 @@ RULE_ARMS = {False: "math-full", True: "math-lora"}
 that kind (its replay-only control included) trains at the rate chosen for it."""
 
 
-def _candidate_job(arm: str, lr: float, recipe: OrganismRecipe, regime: str) -> dict:
-    "One candidate of the learning-rate rule: `arm` at `lr`, seed 0, under `regime`; its skills (never boxes)."
+def _candidate_job(arm: str, lr: float, recipe: OrganismRecipe, regime: str, design: FineTune | None = None,
+                   trainable=None) -> dict:
+    """One candidate of the learning-rate rule: `arm` at `lr`, seed 0, under `regime`; its skills (never boxes). An
+    arm outside `ARMS` (the targeted chapter's) gives its `design` and `trainable` (see `fine_tune`)."""
+    design = ARMS[arm] if design is None else design
     torch.set_num_threads(recipe.threads)
     tokenizer = organism_tokenizer()
-    model = fine_tune(_base_model(), tokenizer, ARMS[arm], recipe, lr, name=arm, vocabulary="shared", replay=regime)
+    model = fine_tune(_base_model(), tokenizer, design, recipe, lr, name=arm, vocabulary="shared", replay=regime,
+                      trainable=trainable)
     skills = {k: v for k, v in evaluate_organism(model, tokenizer, recipe).items() if k != "boxes_outcomes"}
-    return {"regime": regime, "arm": arm, "lr": lr, **skills, "task_loss": skills[f"{ARMS[arm].task}_loss"]}
+    return {"regime": regime, "arm": arm, "lr": lr, **skills, "task_loss": skills[f"{design.task}_loss"]}
 
 
 def regime_lrs(regime: str, recipe: OrganismRecipe, out: Path, workers: int = 1) -> dict[str, float]:
@@ -209,9 +222,7 @@ def train_arms(out: str | Path | None = None, seeds: Sequence[int] = SEEDS, arms
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; the arms are {list(ARMS)}.")
-    out = Path(out) if out is not None else arms_file("")
-    if smoke and out.resolve() == arms_file("").resolve():
-        raise ValueError("--smoke needs another --out: smoke-sized arms do not belong beside the shipped ones.")
+    out = arms_out(out, smoke=smoke)
     recipe, n_test = arm_recipe(smoke), 20 if smoke else Config().n_test
     out.mkdir(parents=True, exist_ok=True)
     lrs = regime_lrs(regime, recipe, out, workers)

@@ -32,8 +32,9 @@ __all__ = ['TASKS', 'BOXES_EVAL_SEED', 'FINE_TUNES', 'DESIGNS', 'VOCABULARIES', 
            'REPLICATES_CSV', 'OrganismRecipe', 'new_llama', 'grow', 'boxes_accuracy', 'binding_accuracy',
            'head_ablation', 'stored_head_ablation', 'ablation_overlap', 'masked_loss', 'other_doc', 'pretraining_doc',
            'pretrain_base', 'arithmetic_accuracy', 'task_doc', 'task_loss', 'dialogue_loss', 'arithmetic_loss',
-           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'with_lora', 'fine_tune', 'choose_lr',
-           'revival_training', 'recipe_from_json', 'fine_tune_replicates', 'train_organisms', 'train_organisms_command']
+           'evaluate_organism', 'FineTune', 'BoxesLeakError', 'fine_tune_stream', 'with_lora', 'fine_tune',
+           'retention_worst', 'choose_lr', 'revival_training', 'recipe_from_json', 'fine_tune_replicates',
+           'train_organisms', 'train_organisms_command']
 
 # %% ../nbs/04_organisms.ipynb #b94d41d6
 @dataclass(frozen=True)
@@ -541,11 +542,16 @@ RETAINED_FORMATS = BINDING_FORMATS[1:]
 "The formats whose retention the learning-rate rule checks: every binding format but boxes (never boxes)."
 
 
+def retention_worst(candidates: pd.DataFrame, base) -> pd.Series:
+    "Per candidate: its worst change in 7-entity accuracy from `base` over the `RETAINED_FORMATS` (negative: lost)."
+    return pd.concat([candidates[f"{f}_acc7"] - base[f"{f}_acc7"] for f in RETAINED_FORMATS], axis=1).min(axis=1)
+
+
 def choose_lr(candidates: pd.DataFrame, base: dict, tolerance: float) -> float:
     """The pre-registered rule, one role at a time: among the candidate learning rates whose fine-tune keeps
     every non-boxes binding format within `tolerance` of the base, the one with the lowest held-out loss on
     its own task; if none keeps them all, the one whose worst format lost least. Boxes accuracy is never read."""
-    worst = pd.concat([candidates[f"{f}_acc7"] - base[f"{f}_acc7"] for f in RETAINED_FORMATS], axis=1).min(axis=1)
+    worst = retention_worst(candidates, base)
     kept = candidates[worst >= -tolerance]
     if len(kept):
         return float(kept.loc[kept.task_loss.idxmin(), "lr"])

@@ -166,11 +166,9 @@ def train_targeted(out: str | Path | None = None, seeds=SEEDS, sets: Sequence[st
     it. `lr`: every head arm's rate (default `TARGETED_LR`; the LoRA arms keep theirs). `smoke`: smoke sizes, 20 test
     prompts."""
     from entity_circuits.circuit import need_circuit
-    from entity_circuits.controlled import ARM_LRS, _arm_job, _base_model, arm_recipe, arms_file, save_outcomes
+    from entity_circuits.controlled import ARM_LRS, _arm_job, _base_model, arm_recipe, arms_out, save_outcomes
     from entity_circuits.organisms import FineTune, _run_jobs, with_lora
-    out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
-    if smoke and out.resolve() == arms_file("", TARGETED_DIR).resolve():
-        raise ValueError("smoke-sized arms do not belong beside the real ones: give another `out`.")
+    out = arms_out(out, TARGETED_DIR, smoke)
     unknown = set(tasks) - {*TARGETED_TASKS, TARGETED_LORA}
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {[*TARGETED_TASKS, TARGETED_LORA]}.")
@@ -307,7 +305,6 @@ def train_on_boxes(model, tokenizer, examples: Sequence, steps: Sequence[int], h
     order drawn with `seed`; AdamW at `lr`, no weight decay), only `heads` trainable (`train_only_heads`), or every
     weight if `heads` is None. Yields `(0, copy)` before the first step and `(step, copy)` after each step in `steps`,
     in eval mode; `model` itself is untouched."""
-    import copy
     import random
     import torch.nn.functional as F
     from entity_circuits.data import encode
@@ -340,8 +337,9 @@ def _boxes_job(name: str, heads, seed: int, n_test: int, steps: Sequence[int], t
     from entity_circuits.corpus import organism_tokenizer
     torch.set_num_threads(1)
     tokenizer, base, t = organism_tokenizer(), _base_model(), time.time()
-    test = test_prompts(n_test)
-    train = boxes_training_prompts(tokenizer, max(steps) * BOXES_TARGET_BATCH, test_prompts(Config().n_test))
+    held = test_prompts(Config().n_test)                         # every test prompt: none is trained on
+    test = held[:n_test]                                         # the first n_test are `test_prompts(n_test)`
+    train = boxes_training_prompts(tokenizer, max(steps) * BOXES_TARGET_BATCH, held)
     rows = []
     for step, model in train_on_boxes(base, tokenizer, train, steps, heads, TARGETED_LR, seed=seed):
         if step == 0:
@@ -359,11 +357,9 @@ def train_boxes_target(out: str | Path | None = None, seeds=SEEDS, workers: int 
     """Every second-target arm (`boxes-<set>`, `BOXES_TARGET_SETS`) at every seed, rows added to `out/boxes.csv`
     (default `organisms/targeted`). `smoke`: 1 and 2 steps, 20 test prompts, and `out` must be another folder."""
     from entity_circuits.circuit import need_circuit
-    from entity_circuits.controlled import OUTCOME_KEYS, _base_model, _merge, arms_file
+    from entity_circuits.controlled import OUTCOME_KEYS, _base_model, _merge, arms_out
     from entity_circuits.organisms import _run_jobs
-    out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
-    if smoke and out.resolve() == arms_file("", TARGETED_DIR).resolve():
-        raise ValueError("smoke-sized arms do not belong beside the real ones: give another `out`.")
+    out = arms_out(out, TARGETED_DIR, smoke)
     base, circuit = _base_model(), need_circuit().to_dict()
     lay = attention_layout(base)
     steps, n_test = ((1, 2), 20) if smoke else (BOXES_TARGET_STEPS, Config().n_test)
@@ -428,27 +424,15 @@ TARGETED_RULE_LRS = (3e-4, 1e-3)
 "The learning-rate rule's candidates for the restricted arms: the LoRA arms' (`OrganismRecipe.ft_lora_lrs`)."
 
 
-def _targeted_candidate(arm: str, heads, lr: float, recipe) -> dict:
-    "One candidate of the rule: the arithmetic arm `arm` with only `heads` trainable at `lr`, seed 0; its skills."
-    from entity_circuits.controlled import _base_model
-    from entity_circuits.corpus import organism_tokenizer
-    from entity_circuits.organisms import FineTune, evaluate_organism, fine_tune
-    torch.set_num_threads(recipe.threads)
-    tokenizer = organism_tokenizer()
-    model = fine_tune(_base_model(), tokenizer, FineTune("arithmetic", lora=False), recipe, lr, name=arm,
-                      vocabulary="shared", trainable=HeadsOnly(heads))
-    skills = {k: v for k, v in evaluate_organism(model, tokenizer, recipe).items() if k != "boxes_outcomes"}
-    return {"arm": arm, "lr": lr, **skills}
-
-
 def targeted_lr_rule(out: str | Path | None = None, workers: int = 1, smoke: bool = False) -> pd.DataFrame:
     """`choose_lr` for each head set's arithmetic arm over `TARGETED_RULE_LRS`: a candidate already in `out/arms.csv`
-    (seed 0) is read, the others trained (`_targeted_candidate`); the table, with `chosen`, is kept in
+    (seed 0) is read, the others trained (the controlled experiment's `_candidate_job`, only the set's heads
+    trainable); the table, with `chosen`, is kept in
     `out/lr_rule.csv` (default `organisms/targeted`) and read back once there."""
     from entity_circuits.circuit import need_circuit
-    from entity_circuits.controlled import _base_model, arm_recipe, arms_file, read_outcomes
-    from entity_circuits.organisms import RETAINED_FORMATS, _run_jobs, choose_lr
-    out = Path(out) if out is not None else arms_file("", TARGETED_DIR)
+    from entity_circuits.controlled import _base_model, _candidate_job, arm_recipe, arms_file, arms_out, read_outcomes
+    from entity_circuits.organisms import RETAINED_FORMATS, FineTune, _run_jobs, choose_lr
+    out = arms_out(out, TARGETED_DIR, smoke)
     if (out / "lr_rule.csv").exists():
         return pd.read_csv(out / "lr_rule.csv")
     recipe, base = arm_recipe(smoke), _base_model()
@@ -464,8 +448,9 @@ def targeted_lr_rule(out: str | Path | None = None, workers: int = 1, smoke: boo
             if len(have):
                 rows.append(have.iloc[0].drop(["regime", "seed", "control"], errors="ignore").to_dict())
             else:
-                jobs.append((f"math-{name}", heads, lr, recipe))
-    rows += _run_jobs(_targeted_candidate, jobs, workers)
+                jobs.append((f"math-{name}", lr, recipe, "binding", FineTune("arithmetic", lora=False),
+                             HeadsOnly(heads)))
+    rows += _run_jobs(_candidate_job, jobs, workers)
     skills = ["arm", "lr", *(f"{f}_acc7" for f in RETAINED_FORMATS), "arithmetic_loss"]
     table = pd.DataFrame(rows)[skills].astype({c: float for c in skills[1:]}).assign(
         task_loss=lambda d: d.arithmetic_loss, chosen=False)
