@@ -204,9 +204,10 @@ def stored_circuit_checks(name: str, table: pd.DataFrame, root=None, n_faithfuln
         return circuit_minimality(*load_model(name), Circuit.from_dict(circuit), **kw)
 
     faith, mini = table_name("faithfulness", name), table_name("minimality", name)
-    return {faith: cached(faith, faithfulness, dict(common, n=n_faithfulness, n_random=n_random, seed=TEST_SEED), [name], root),
+    return {faith: cached(faith, faithfulness, dict(common, n=n_faithfulness, n_random=n_random, seed=TEST_SEED),
+                          [name], root),
             mini: cached(mini, minimality, dict(common, n=n_minimality, n_means=n_faithfulness, max_k=0,
-                                                      seed=DISCOVERY_SEED), [name], root)}
+                                                seed=DISCOVERY_SEED), [name], root)}
 
 # %% ../nbs/10c_smollm2.ipynb #f2ea16e3
 EXTRA_DCM_BATCH = 8
